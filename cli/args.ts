@@ -1,0 +1,81 @@
+/** Command-line parsing shared by the subcommands: node:util parseArgs with tapd's errors. */
+import { parseArgs, type ParseArgsConfig } from "node:util";
+import { UsageError } from "./command.ts";
+
+type Options = NonNullable<ParseArgsConfig["options"]>;
+
+/** parseArgs in strict mode; any parse failure becomes a one-line UsageError naming the command. */
+export function parseCommandLine<T extends Options>(
+  command: string,
+  args: string[],
+  options: T,
+): {
+  values: ReturnType<
+    typeof parseArgs<{ options: T; args: string[]; allowPositionals: true }>
+  >["values"];
+  positionals: string[];
+} {
+  try {
+    const { values, positionals } = parseArgs({
+      args,
+      options,
+      allowPositionals: true,
+      strict: true,
+    });
+    return { values, positionals };
+  } catch (e) {
+    const text = (e as Error).message.split("\n")[0].split(". To specify")[0];
+    throw new UsageError(`${command}: ${text}`);
+  }
+}
+
+const UNITS: Readonly<Record<string, number>> = {
+  "": 1,
+  k: 2 ** 10,
+  m: 2 ** 20,
+  g: 2 ** 30,
+  t: 2 ** 40,
+  p: 2 ** 50,
+};
+
+/** "4k", "1M", "10G", "512" (bytes; binary units, optional "B"/"iB") → bytes. */
+export function parseSize(text: string, what: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?$/i.exec(text.trim());
+  const bytes = m === null ? NaN : Number(m[1]) * UNITS[m[2].toLowerCase()];
+  if (!Number.isSafeInteger(bytes) || bytes <= 0) {
+    throw new UsageError(`Invalid ${what} "${text}": expected a size such as 4k, 1M or 10G`);
+  }
+  return bytes;
+}
+
+/** A positive integer option. */
+export function parseCount(text: string, what: string, max = Number.MAX_SAFE_INTEGER): number {
+  const n = Number(text);
+  if (!/^\d+$/.test(text) || !Number.isSafeInteger(n) || n <= 0 || n > max) {
+    throw new UsageError(`Invalid ${what} "${text}": expected a whole number from 1 to ${max}`);
+  }
+  return n;
+}
+
+/** One of a fixed set of words. */
+export function parseChoice<T extends string>(
+  text: string,
+  what: string,
+  choices: readonly T[],
+): T {
+  if (!(choices as readonly string[]).includes(text)) {
+    throw new UsageError(`Invalid ${what} "${text}": expected one of ${choices.join(", ")}`);
+  }
+  return text as T;
+}
+
+/** Formats a byte count the way the tools print it (binary units). */
+export function formatSize(bytes: number): string {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+  let v = bytes, i = 0;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return i === 0 ? `${bytes} B` : `${Number.isInteger(v) ? v : v.toFixed(1)} ${units[i]}`;
+}

@@ -1,0 +1,91 @@
+/**
+ * Disk: the checked front of a driver. Every request is validated here once (alignment, range,
+ * read-only, closed), so drivers only implement the happy path. Exports (NBD, the ring, FUSE)
+ * and tools all talk to a Disk.
+ */
+import { type Buffers, byteLength } from "../io/engine.ts";
+import type { DiskImpl, DiskInfo, Extent } from "./driver.ts";
+import { DiskError } from "./errors.ts";
+
+export class Disk implements AsyncDisposable {
+  readonly info: DiskInfo;
+  /** The spec it was opened from, for messages. */
+  readonly name: string;
+  readonly #impl: DiskImpl;
+  #closed: Promise<void> | null = null;
+
+  constructor(impl: DiskImpl, name: string) {
+    this.#impl = impl;
+    this.info = impl.info;
+    this.name = name;
+  }
+
+  get size(): number {
+    return this.info.size;
+  }
+
+  read(offset: number, bufs: Buffers): Promise<void> {
+    return this.#check("read", offset, byteLength(bufs), false) ?? this.#impl.read(offset, bufs);
+  }
+
+  write(offset: number, bufs: Buffers): Promise<void> {
+    return this.#check("write", offset, byteLength(bufs), true) ?? this.#impl.write(offset, bufs);
+  }
+
+  flush(): Promise<void> {
+    return this.#closedError("flush") ?? this.#impl.flush();
+  }
+
+  discard(offset: number, length: number): Promise<void> {
+    return this.#check("discard", offset, length, true) ?? this.#impl.discard(offset, length);
+  }
+
+  writeZeroes(offset: number, length: number, options: { mayUnmap?: boolean } = {}): Promise<void> {
+    return this.#check("write zeroes", offset, length, true) ??
+      this.#impl.writeZeroes(offset, length, options.mayUnmap ?? false);
+  }
+
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return this.#check("block status", offset, length, false) ??
+      this.#impl.blockStatus(offset, length);
+  }
+
+  /** Waits for requests in flight and closes the driver. Idempotent. */
+  close(): Promise<void> {
+    this.#closed ??= this.#impl.close();
+    return this.#closed;
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+
+  #closedError(what: string): Promise<never> | null {
+    if (this.#closed === null) return null;
+    return Promise.reject(new DiskError("EIO", `${what}: disk ${this.name} is closed`));
+  }
+
+  /** A rejected promise when the request is invalid, null when it may go to the driver. */
+  #check(what: string, offset: number, length: number, writes: boolean): Promise<never> | null {
+    const closed = this.#closedError(what);
+    if (closed !== null) return closed;
+    const sector = this.info.logicalSectorSize, size = this.info.size;
+    let error: DiskError | null = null;
+    if (!Number.isSafeInteger(offset) || offset < 0 || offset % sector !== 0) {
+      error = new DiskError("EINVAL", `${what}: offset ${offset} is not a multiple of ${sector}`);
+    } else if (!Number.isSafeInteger(length) || length <= 0 || length % sector !== 0) {
+      error = new DiskError(
+        "EINVAL",
+        `${what}: length ${length} is not a positive multiple of ${sector}`,
+      );
+    } else if (offset + length > size) {
+      error = new DiskError(
+        writes ? "ENOSPC" : "EINVAL",
+        `${what}: ${length} bytes at offset ${offset} go past the end of the disk (${size} bytes)`,
+      );
+    } else if (writes && this.info.readOnly) {
+      error = new DiskError("EROFS", `${what}: disk ${this.name} is read-only`);
+    }
+    return error === null ? null : Promise.reject(error);
+  }
+}

@@ -1,0 +1,245 @@
+/**
+ * Raw images: a regular file or a block device (a partition, a loop device), sector for sector.
+ *   `aio`  — O_DIRECT, through libaio (default) or io_uring (`engine: "uring"`);
+ *   `sync` — buffered pread/pwrite on the thread pool, for file systems without O_DIRECT.
+ * Holes are found with SEEK_DATA/SEEK_HOLE; discard punches holes (BLKDISCARD on devices).
+ */
+import { FileHandle } from "../ffi/file.ts";
+import { SysError } from "../ffi/errno.ts";
+import {
+  EINVAL,
+  ENXIO,
+  EOPNOTSUPP,
+  FALLOC_FL_KEEP_SIZE,
+  FALLOC_FL_PUNCH_HOLE,
+  FALLOC_FL_ZERO_RANGE,
+  O_DIRECT,
+  O_RDONLY,
+  O_RDWR,
+  SEEK_DATA,
+  SEEK_HOLE,
+} from "../ffi/constants.ts";
+import { sharedPool } from "../io/buffer_pool.ts";
+import { type Buffers, byteLength, type EngineKind, type IoEngine } from "../io/engine.ts";
+import { createEngine } from "../io/mod.ts";
+import type { DiskImpl, DiskInfo, DiskOptions, Driver, Extent } from "./driver.ts";
+import { DiskError } from "./errors.ts";
+
+/** Extents reported by one blockStatus call at most (each costs two lseeks). */
+const MAX_EXTENTS = 1024;
+const ZERO_CHUNK = 1024 * 1024;
+
+function openFile(
+  path: string,
+  options: DiskOptions,
+  direct: boolean,
+): { file: FileHandle; direct: boolean } {
+  const flags = options.readOnly ? O_RDONLY : O_RDWR;
+  if (!direct) return { file: FileHandle.open(path, flags), direct: false };
+  try {
+    return { file: FileHandle.open(path, flags | O_DIRECT), direct: true };
+  } catch (e) {
+    if (!(e instanceof SysError) || e.errno !== EINVAL) throw e;
+    if (options.direct === "auto") return { file: FileHandle.open(path, flags), direct: false };
+    throw new DiskError(
+      "EINVAL",
+      `Cannot open "${path}" with O_DIRECT: its file system does not support direct I/O ` +
+        `(tmpfs?); use tap:sync:${path}, or direct=auto to fall back to buffered I/O`,
+      { cause: e },
+    );
+  }
+}
+
+class RawDisk implements DiskImpl {
+  readonly info: DiskInfo;
+  readonly #file: FileHandle;
+  readonly #engine: IoEngine;
+  readonly #blockDevice: boolean;
+  /** Bytes of the file; reads past it (the partial last sector) return zeros. */
+  readonly #fileSize: number;
+
+  constructor(file: FileHandle, engine: IoEngine, readOnly: boolean) {
+    const st = file.stat();
+    this.#file = file;
+    this.#engine = engine;
+    this.#blockDevice = st.isBlockDevice;
+    if (st.isBlockDevice) {
+      const sectors = file.blockDeviceSectors();
+      this.#fileSize = file.blockDeviceSize();
+      this.info = {
+        size: this.#fileSize - this.#fileSize % sectors.logical,
+        logicalSectorSize: sectors.logical,
+        physicalSectorSize: sectors.physical,
+        readOnly,
+        backing: null,
+        discardFreesSpace: true,
+      };
+    } else if (st.isRegular) {
+      this.#fileSize = st.size;
+      this.info = {
+        size: Math.ceil(st.size / 512) * 512,
+        logicalSectorSize: 512,
+        physicalSectorSize: 4096,
+        readOnly,
+        backing: null,
+        discardFreesSpace: true,
+      };
+    } else {
+      throw new DiskError("EINVAL", `"${file.path}" is neither a regular file nor a block device`);
+    }
+  }
+
+  async read(offset: number, bufs: Buffers): Promise<void> {
+    const want = byteLength(bufs);
+    const got = await this.#engine.read(this.#file, offset, bufs);
+    if (got === want) return;
+    if (offset + got < this.#fileSize) {
+      throw new DiskError(
+        "EIO",
+        `read ${this.#file.path}: short read (${got} of ${want} bytes at ${offset})`,
+      );
+    }
+    zeroFrom(bufs, got);
+  }
+
+  async write(offset: number, bufs: Buffers): Promise<void> {
+    const want = byteLength(bufs);
+    const got = await this.#engine.write(this.#file, offset, bufs);
+    if (got !== want) {
+      throw new DiskError(
+        "EIO",
+        `write ${this.#file.path}: short write (${got} of ${want} bytes at ${offset})`,
+      );
+    }
+  }
+
+  flush(): Promise<void> {
+    return this.#engine.fsync(this.#file, true);
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    try {
+      if (this.#blockDevice) await this.#file.blockDiscard(offset, length);
+      else {await this.#engine.fallocate(
+          this.#file,
+          FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+          offset,
+          length,
+        );}
+    } catch (e) {
+      // Discard is advisory: a file system or device without it keeps the data.
+      if (!(e instanceof SysError && e.errno === EOPNOTSUPP)) throw e;
+    }
+  }
+
+  async writeZeroes(offset: number, length: number, mayUnmap: boolean): Promise<void> {
+    const mode = (mayUnmap && !this.#blockDevice ? FALLOC_FL_PUNCH_HOLE : FALLOC_FL_ZERO_RANGE) |
+      FALLOC_FL_KEEP_SIZE;
+    try {
+      await this.#engine.fallocate(this.#file, mode, offset, length);
+      return;
+    } catch (e) {
+      if (!(e instanceof SysError && (e.errno === EOPNOTSUPP || e.errno === EINVAL))) throw e;
+    }
+    const zeros = sharedPool.take(Math.min(length, ZERO_CHUNK));
+    try {
+      zeros.fill(0);
+      for (let done = 0; done < length; done += zeros.length) {
+        const n = Math.min(zeros.length, length - done);
+        await this.write(offset + done, zeros.subarray(0, n));
+      }
+    } finally {
+      sharedPool.give(zeros);
+    }
+  }
+
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    const end = offset + length;
+    if (this.#blockDevice) return [{ offset, length, allocated: true, zero: false }];
+    const extents: Extent[] = [];
+    let pos = offset;
+    while (pos < end && extents.length < MAX_EXTENTS) {
+      const data = await this.#seek(pos, SEEK_DATA);
+      if (data === null || data >= end) {
+        extents.push({ offset: pos, length: end - pos, allocated: false, zero: true });
+        break;
+      }
+      if (data > pos) {
+        extents.push({ offset: pos, length: data - pos, allocated: false, zero: true });
+      }
+      const hole = Math.min((await this.#seek(data, SEEK_HOLE)) ?? end, end);
+      extents.push({ offset: data, length: hole - data, allocated: true, zero: false });
+      pos = hole;
+    }
+    return alignExtents(extents, this.info.logicalSectorSize);
+  }
+
+  /** lseek, with ENXIO (no data past this point) as null. */
+  async #seek(pos: number, whence: number): Promise<number | null> {
+    try {
+      return await this.#file.seek(pos, whence);
+    } catch (e) {
+      if (e instanceof SysError && e.errno === ENXIO) return null;
+      throw e;
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.#engine.close();
+    this.#file.close();
+  }
+}
+
+/** File system extents are block-aligned except at end of file; keep boundaries on sectors. */
+function alignExtents(extents: Extent[], sector: number): Extent[] {
+  for (let i = 0; i + 1 < extents.length; i++) {
+    const end = extents[i].offset + extents[i].length;
+    const aligned = Math.ceil(end / sector) * sector;
+    if (aligned !== end) {
+      extents[i].length += aligned - end;
+      extents[i + 1].offset = aligned;
+      extents[i + 1].length -= aligned - end;
+    }
+  }
+  return extents.filter((e) => e.length > 0);
+}
+
+function zeroFrom(bufs: Buffers, from: number): void {
+  const list = bufs instanceof Uint8Array ? [bufs] : bufs;
+  let pos = 0;
+  for (const b of list) {
+    if (pos + b.length > from) b.fill(0, Math.max(0, from - pos));
+    pos += b.length;
+  }
+}
+
+function rawDriver(type: "aio" | "sync", summary: string, defaultEngine: EngineKind): Driver {
+  return {
+    type,
+    summary,
+    open(path: string, options: DiskOptions): Promise<DiskImpl> {
+      const wantDirect = options.direct === undefined ? type === "aio" : options.direct !== "off";
+      const { file } = openFile(path, options, wantDirect);
+      let engine: IoEngine | undefined;
+      try {
+        engine = createEngine(options.engine ?? defaultEngine, { depth: options.depth });
+        return Promise.resolve(new RawDisk(file, engine, options.readOnly ?? false));
+      } catch (e) {
+        engine?.close();
+        file.close();
+        return Promise.reject(e);
+      }
+    },
+  };
+}
+
+export const aioDriver: Driver = rawDriver(
+  "aio",
+  "raw file or block device, O_DIRECT, libaio or io_uring",
+  "aio",
+);
+export const syncDriver: Driver = rawDriver(
+  "sync",
+  "raw file or block device, buffered pread/pwrite",
+  "sync",
+);

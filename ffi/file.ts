@@ -1,0 +1,186 @@
+/** File descriptors as handles that close themselves, with the libc calls made on them. */
+import { check, pooled } from "./errno.ts";
+import { cString, libc } from "./libc.ts";
+import {
+  BLKDISCARD,
+  BLKGETSIZE64,
+  BLKPBSZGET,
+  BLKSSZGET,
+  EFD_CLOEXEC,
+  MFD_CLOEXEC,
+  O_CLOEXEC,
+  S_IFBLK,
+  S_IFMT,
+  S_IFREG,
+} from "./constants.ts";
+
+/** What fstat says about a descriptor (the fields tapd uses). */
+export interface FileStat {
+  mode: number;
+  size: number;
+  blockSize: number;
+  /** Bytes actually allocated on disk (st_blocks × 512). */
+  allocated: number;
+  isRegular: boolean;
+  isBlockDevice: boolean;
+}
+
+/** An open file descriptor. `close()` and dispose are idempotent. */
+export class FileHandle implements Disposable {
+  #fd: number;
+  /** The path it was opened with (for error messages). */
+  readonly path: string;
+
+  constructor(fd: number, path: string) {
+    this.#fd = fd;
+    this.path = path;
+  }
+
+  /** open(2) with O_CLOEXEC added; throws a SysError naming the path. */
+  static open(path: string, flags: number, mode = 0o644): FileHandle {
+    const fd = check(libc.open(cString(path), flags | O_CLOEXEC, mode), "open", path);
+    return new FileHandle(fd, path);
+  }
+
+  /** The raw descriptor; throws once closed. */
+  get fd(): number {
+    if (this.#fd < 0) throw new Error(`File "${this.path}" is closed`);
+    return this.#fd;
+  }
+
+  get closed(): boolean {
+    return this.#fd < 0;
+  }
+
+  stat(): FileStat {
+    const buf = new Uint8Array(144);
+    check(libc.fstat(this.fd, buf), "fstat", this.path);
+    const v = new DataView(buf.buffer);
+    const mode = v.getUint32(24, true);
+    return {
+      mode,
+      size: Number(v.getBigInt64(48, true)),
+      blockSize: Number(v.getBigInt64(56, true)),
+      allocated: Number(v.getBigInt64(64, true)) * 512,
+      isRegular: (mode & S_IFMT) === S_IFREG,
+      isBlockDevice: (mode & S_IFMT) === S_IFBLK,
+    };
+  }
+
+  /** Size in bytes of a block device (BLKGETSIZE64). */
+  blockDeviceSize(): number {
+    const out = new BigUint64Array(1);
+    check(libc.ioctl(this.fd, BLKGETSIZE64, out), "ioctl(BLKGETSIZE64)", this.path);
+    return Number(out[0]);
+  }
+
+  /** Logical and physical sector sizes of a block device (BLKSSZGET, BLKPBSZGET). */
+  blockDeviceSectors(): { logical: number; physical: number } {
+    const out = new Int32Array(1);
+    check(libc.ioctl(this.fd, BLKSSZGET, out), "ioctl(BLKSSZGET)", this.path);
+    const logical = out[0];
+    check(libc.ioctl(this.fd, BLKPBSZGET, out), "ioctl(BLKPBSZGET)", this.path);
+    return { logical, physical: out[0] };
+  }
+
+  /** Discards a byte range of a block device (BLKDISCARD), off the event loop. */
+  async blockDiscard(offset: number, length: number): Promise<void> {
+    const range = new BigUint64Array([BigInt(offset), BigInt(length)]);
+    const fd = this.fd;
+    await pooled(
+      "ioctl(BLKDISCARD)",
+      this.path,
+      () => libc.ioctl_nb(fd, BLKDISCARD, range),
+      () => libc.ioctl(fd, BLKDISCARD, range),
+    );
+  }
+
+  /** fallocate(2) off the event loop. */
+  async fallocate(mode: number, offset: number, length: number): Promise<void> {
+    const fd = this.fd, off = BigInt(offset), len = BigInt(length);
+    await pooled(
+      "fallocate",
+      this.path,
+      () => libc.fallocate_nb(fd, mode, off, len),
+      () => libc.fallocate(fd, mode, off, len),
+    );
+  }
+
+  /** lseek(2) off the event loop; SEEK_DATA/SEEK_HOLE past the last data give ENXIO. */
+  async seek(offset: number, whence: number): Promise<number> {
+    const fd = this.fd, off = BigInt(offset);
+    return Number(
+      await pooled(
+        "lseek",
+        this.path,
+        () => libc.lseek_nb(fd, off, whence),
+        () => libc.lseek(fd, off, whence),
+      ),
+    );
+  }
+
+  truncate(size: number): void {
+    check(libc.ftruncate(this.fd, BigInt(size)), "ftruncate", this.path);
+  }
+
+  close(): void {
+    if (this.#fd < 0) return;
+    const fd = this.#fd;
+    this.#fd = -1;
+    check(libc.close(fd), "close", this.path);
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
+
+/** A counter file descriptor (eventfd(2)) used to wake a waiter parked on the thread pool. */
+export class EventFd implements Disposable {
+  readonly handle: FileHandle;
+  #scratch = new BigUint64Array(1);
+  #one = new BigUint64Array([1n]);
+
+  constructor() {
+    this.handle = new FileHandle(check(libc.eventfd(0, EFD_CLOEXEC), "eventfd"), "eventfd");
+  }
+
+  get fd(): number {
+    return this.handle.fd;
+  }
+
+  /** Waits, on a pool thread, until the counter is non-zero, then resets it; returns its value. */
+  async wait(): Promise<bigint> {
+    const rc = await libc.read_nb(this.fd, this.#scratch, 8n);
+    if (rc !== 8n) throw new Error(`read(eventfd) returned ${rc}`);
+    return this.#scratch[0];
+  }
+
+  /** Adds one to the counter, waking a parked `wait()`. */
+  signal(): void {
+    check(libc.write(this.fd, this.#one, 8n), "write(eventfd)");
+  }
+
+  [Symbol.dispose](): void {
+    this.handle.close();
+  }
+}
+
+/** An anonymous memory file (memfd_create(2)) of the given size. */
+export function memfd(name: string, size: number): FileHandle {
+  const fd = check(libc.memfd_create(cString(name), MFD_CLOEXEC), "memfd_create", name);
+  const handle = new FileHandle(fd, `memfd:${name}`);
+  handle.truncate(size);
+  return handle;
+}
+
+/** Opens a POSIX shared-memory object (`/dev/shm/NAME`). */
+export function shmOpen(name: string, flags: number, mode = 0o600): FileHandle {
+  const fd = check(libc.shm_open(cString(name), flags | O_CLOEXEC, mode), "shm_open", name);
+  return new FileHandle(fd, `shm:${name}`);
+}
+
+/** Removes a POSIX shared-memory object's name. */
+export function shmUnlink(name: string): void {
+  check(libc.shm_unlink(cString(name)), "shm_unlink", name);
+}

@@ -1,0 +1,186 @@
+/**
+ * Every libc symbol tapd uses, declared once. Variadic functions (open, ioctl) are declared with
+ * exactly the integer/pointer arguments passed (sound on x86-64 System V; see
+ * shared/specs/deno-ffi.md §1.8). Names ending in `_nb` are `nonblocking` twins of the same C
+ * function: they run on Deno's blocking pool and cannot report errno (use `pooled()`).
+ */
+
+const symbols = {
+  __errno_location: { parameters: [], result: "pointer" },
+  strerror: { parameters: ["i32"], result: "pointer" }, // int errnum
+
+  open: {
+    parameters: [
+      "buffer", // const char *pathname
+      "i32", // int flags
+      "u32", // mode_t mode
+    ],
+    result: "i32",
+  },
+  close: { parameters: ["i32"], result: "i32" },
+  fstat: {
+    parameters: [
+      "i32", // int fd
+      "buffer", // struct stat *statbuf (144 bytes)
+    ],
+    result: "i32",
+  },
+  pread: {
+    parameters: [
+      "i32", // int fd
+      "buffer", // void *buf
+      "usize", // size_t count
+      "i64", // off_t offset
+    ],
+    result: "isize",
+  },
+  pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
+  pread_nb: {
+    name: "pread",
+    parameters: ["i32", "buffer", "usize", "i64"],
+    result: "isize",
+    nonblocking: true,
+  },
+  pwrite_nb: {
+    name: "pwrite",
+    parameters: ["i32", "buffer", "usize", "i64"],
+    result: "isize",
+    nonblocking: true,
+  },
+  preadv_nb: {
+    name: "preadv",
+    parameters: [
+      "i32", // int fd
+      "buffer", // const struct iovec *iov
+      "i32", // int iovcnt
+      "i64", // off_t offset
+    ],
+    result: "isize",
+    nonblocking: true,
+  },
+  pwritev_nb: {
+    name: "pwritev",
+    parameters: ["i32", "buffer", "i32", "i64"],
+    result: "isize",
+    nonblocking: true,
+  },
+  read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+  read_nb: {
+    name: "read",
+    parameters: ["i32", "buffer", "usize"],
+    result: "isize",
+    nonblocking: true,
+  },
+  write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+  fsync: { parameters: ["i32"], result: "i32" },
+  fsync_nb: { name: "fsync", parameters: ["i32"], result: "i32", nonblocking: true },
+  fdatasync: { parameters: ["i32"], result: "i32" },
+  fdatasync_nb: { name: "fdatasync", parameters: ["i32"], result: "i32", nonblocking: true },
+  fallocate: {
+    parameters: [
+      "i32", // int fd
+      "i32", // int mode
+      "i64", // off_t offset
+      "i64", // off_t len
+    ],
+    result: "i32",
+  },
+  fallocate_nb: {
+    name: "fallocate",
+    parameters: ["i32", "i32", "i64", "i64"],
+    result: "i32",
+    nonblocking: true,
+  },
+  ftruncate: { parameters: ["i32", "i64"], result: "i32" },
+  lseek: {
+    parameters: [
+      "i32", // int fd
+      "i64", // off_t offset
+      "i32", // int whence
+    ],
+    result: "i64",
+  },
+  lseek_nb: { name: "lseek", parameters: ["i32", "i64", "i32"], result: "i64", nonblocking: true },
+  ioctl: {
+    parameters: [
+      "i32", // int fd
+      "u64", // unsigned long request
+      "buffer", // void *argp
+    ],
+    result: "i32",
+  },
+  ioctl_nb: {
+    name: "ioctl",
+    parameters: ["i32", "u64", "buffer"],
+    result: "i32",
+    nonblocking: true,
+  },
+  flock: { parameters: ["i32", "i32"], result: "i32" },
+  flock_nb: { name: "flock", parameters: ["i32", "i32"], result: "i32", nonblocking: true },
+
+  posix_memalign: {
+    parameters: [
+      "buffer", // void **memptr
+      "usize", // size_t alignment
+      "usize", // size_t size
+    ],
+    result: "i32", // returns the error number; errno is not set
+  },
+  free: { parameters: ["pointer"], result: "void" },
+  mmap: {
+    parameters: [
+      "pointer", // void *addr
+      "usize", // size_t length
+      "i32", // int prot
+      "i32", // int flags
+      "i32", // int fd
+      "i64", // off_t offset
+    ],
+    result: "pointer",
+  },
+  munmap: { parameters: ["pointer", "usize"], result: "i32" },
+  madvise: {
+    parameters: [
+      "pointer", // void *addr
+      "usize", // size_t length
+      "i32", // int advice
+    ],
+    result: "i32",
+  },
+  memfd_create: {
+    parameters: [
+      "buffer", // const char *name
+      "u32", // unsigned int flags
+    ],
+    result: "i32",
+  },
+  eventfd: {
+    parameters: [
+      "u32", // unsigned int initval
+      "i32", // int flags
+    ],
+    result: "i32",
+  },
+  shm_open: {
+    parameters: [
+      "buffer", // const char *name
+      "i32", // int oflag
+      "u32", // mode_t mode
+    ],
+    result: "i32",
+  },
+  shm_unlink: { parameters: ["buffer"], result: "i32" },
+} as const satisfies Deno.ForeignLibraryInterface;
+
+/** The C library's symbols, loaded once for the process. */
+export const libc: Deno.StaticForeignLibraryInterface<typeof symbols> =
+  Deno.dlopen("libc.so.6", symbols).symbols;
+
+const encoder = new TextEncoder();
+
+/** A NUL-terminated copy of a string for `const char *` arguments. */
+export function cString(s: string): Uint8Array<ArrayBuffer> {
+  const bytes = new Uint8Array(s.length * 3 + 1);
+  const { written } = encoder.encodeInto(s, bytes);
+  return bytes.subarray(0, written + 1);
+}

@@ -1,0 +1,75 @@
+/**
+ * io_uring through liburing 2.3's raw syscall wrappers (they return -errno, so they are safe to
+ * call `nonblocking`). The rings themselves are mapped and driven in TypeScript (io/uring_engine.ts):
+ * liburing's `struct io_uring` changes between releases and its prep helpers are header-only.
+ * Layouts (x86-64):
+ *   struct io_uring_params (120 bytes): sq_entries u32 @0, cq_entries @4, flags @8, features @20,
+ *     sq_off @40 {head, tail, ring_mask, ring_entries, flags, dropped, array} (u32 each),
+ *     cq_off @80 {head, tail, ring_mask, ring_entries, overflow, cqes} (u32 each)
+ *   SQE (64 bytes): opcode u8 @0, flags u8 @1, fd i32 @4, off u64 @8, addr u64 @16, len u32 @24,
+ *     op_flags u32 @28, user_data u64 @32
+ *   CQE (16 bytes): user_data u64 @0, res i32 @8, flags u32 @12
+ */
+
+const symbols = {
+  io_uring_setup: {
+    parameters: [
+      "u32", // unsigned entries
+      "buffer", // struct io_uring_params *p
+    ],
+    result: "i32",
+  },
+  io_uring_enter: {
+    parameters: [
+      "u32", // unsigned fd
+      "u32", // unsigned to_submit
+      "u32", // unsigned min_complete
+      "u32", // unsigned flags
+      "pointer", // sigset_t *sig
+    ],
+    result: "i32",
+  },
+  io_uring_register: {
+    parameters: [
+      "u32", // unsigned fd
+      "u32", // unsigned opcode
+      "buffer", // const void *arg
+      "u32", // unsigned nr_args
+    ],
+    result: "i32",
+  },
+} as const satisfies Deno.ForeignLibraryInterface;
+
+export const PARAMS_SIZE = 120;
+export const SQE_SIZE = 64;
+export const CQE_SIZE = 16;
+export const IORING_OFF_SQ_RING = 0;
+export const IORING_OFF_CQ_RING = 0x8000000;
+export const IORING_OFF_SQES = 0x10000000;
+export const IORING_FEAT_SINGLE_MMAP = 1;
+export const IORING_ENTER_GETEVENTS = 1;
+export const IORING_REGISTER_EVENTFD = 4;
+
+export const IORING_OP_READV = 1;
+export const IORING_OP_WRITEV = 2;
+export const IORING_OP_FSYNC = 3;
+export const IORING_OP_FALLOCATE = 17;
+export const IORING_OP_READ = 22;
+export const IORING_OP_WRITE = 23;
+export const IORING_FSYNC_DATASYNC = 1;
+
+let lib: Deno.StaticForeignLibraryInterface<typeof symbols> | undefined;
+
+/** liburing's raw wrappers, loaded on first use with an install hint when missing. */
+export function liburing(): Deno.StaticForeignLibraryInterface<typeof symbols> {
+  if (lib === undefined) {
+    try {
+      lib = Deno.dlopen(Deno.env.get("TAPD_LIBURING") ?? "liburing.so.2", symbols).symbols;
+    } catch (e) {
+      throw new Error("Cannot load liburing.so.2: install it with `apt-get install liburing2`", {
+        cause: e,
+      });
+    }
+  }
+  return lib;
+}

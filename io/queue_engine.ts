@@ -1,0 +1,385 @@
+/**
+ * What the two kernel-queue engines (libaio, io_uring) share: a fixed table of request slots,
+ * a queue for requests beyond the depth, batching of everything prepared in one event-loop turn
+ * into one submission, bounce buffers for memory the kernel cannot address, and the completion
+ * wait: completions signal an eventfd, and one nonblocking read of it is parked on Deno's thread
+ * pool only while requests are in flight and none are ready (the event loop never blocks).
+ */
+import { SysError } from "../ffi/errno.ts";
+import { EventFd, type FileHandle } from "../ffi/file.ts";
+import { addressOf, AlignedMemory } from "../ffi/memory.ts";
+import { type BufferPool, sharedPool } from "./buffer_pool.ts";
+import {
+  type Buffers,
+  byteLength,
+  type EngineKind,
+  type EngineOptions,
+  type IoEngine,
+} from "./engine.ts";
+
+export const OP_READ = 0;
+export const OP_WRITE = 1;
+export const OP_FSYNC = 2;
+export const OP_FDSYNC = 3;
+export const OP_FALLOCATE = 4;
+const OP_NAMES = ["read", "write", "fsync", "fdatasync", "fallocate"];
+
+/** Segments per request passed to the kernel as an iovec; longer lists are bounced. */
+export const MAX_IOV = 64;
+const IOVEC_SIZE = 16;
+
+interface Waiting {
+  op: number;
+  file: FileHandle;
+  offset: number;
+  bufs: Buffers;
+  arg: number; // fallocate: mode
+  length: number; // fallocate: length
+  resolve: (n: number) => void;
+  reject: (e: Error) => void;
+}
+
+/** How an engine puts one request into its submission structure. */
+export interface Prepared {
+  op: number;
+  fd: number;
+  offset: number;
+  /** Buffer or iovec array address; for fallocate, the length. */
+  addr: number;
+  /** Byte count, iovec count, or fallocate mode. */
+  len: number;
+  /** True when addr/len describe an iovec array. */
+  vector: boolean;
+}
+
+export abstract class QueueEngine implements IoEngine {
+  abstract readonly kind: EngineKind;
+  protected readonly depth: number;
+  protected readonly eventfd: EventFd = new EventFd();
+  readonly #pool: BufferPool;
+  readonly #iov: AlignedMemory;
+  readonly #iovWords: Uint32Array;
+  readonly #freeSlots: Int32Array;
+  #freeTop: number;
+  readonly #resolve: Array<((n: number) => void) | undefined>;
+  readonly #reject: Array<((e: Error) => void) | undefined>;
+  readonly #files: Array<FileHandle | undefined>;
+  readonly #ops: Uint8Array;
+  readonly #bounce: Array<Uint8Array<ArrayBuffer> | undefined>;
+  readonly #bounceTargets: Array<Buffers | undefined>;
+  readonly #prep: Prepared = { op: 0, fd: 0, offset: 0, addr: 0, len: 0, vector: false };
+  #waiting: Waiting[] = [];
+  #inflight = 0;
+  #pooled = 0; // requests running on the thread pool instead of the kernel queue
+  #prepared = 0;
+  #flushScheduled = false;
+  #drainScheduled = false;
+  #waiter: Promise<void> | null = null;
+  #idle: (() => void) | null = null;
+  #closed: Promise<void> | null = null;
+
+  constructor(options: EngineOptions) {
+    this.depth = options.depth ?? 256;
+    this.#pool = sharedPool;
+    this.#iov = new AlignedMemory(this.depth * MAX_IOV * IOVEC_SIZE);
+    this.#iovWords = new Uint32Array(this.#iov.bytes.buffer);
+    this.#freeSlots = new Int32Array(this.depth);
+    for (let i = 0; i < this.depth; i++) this.#freeSlots[i] = this.depth - 1 - i;
+    this.#freeTop = this.depth;
+    this.#resolve = new Array(this.depth);
+    this.#reject = new Array(this.depth);
+    this.#files = new Array(this.depth);
+    this.#ops = new Uint8Array(this.depth);
+    this.#bounce = new Array(this.depth);
+    this.#bounceTargets = new Array(this.depth);
+  }
+
+  /** Writes one request into the submission structure for `slot`. */
+  protected abstract prepare(slot: number, p: Prepared): void;
+  /** Submits the `count` requests prepared since the last call; returns how many went. */
+  protected abstract submitPrepared(count: number): number;
+  /** Reaps ready completions, calling `complete()` for each; returns how many. */
+  protected abstract reap(): number;
+  /** Withdraws the prepared requests the kernel has not taken; returns their slots. */
+  protected abstract takeUnsubmitted(): number[];
+  /** Frees the kernel context once nothing is in flight. */
+  protected abstract destroy(): void;
+  /** Whether the kernel queue can fallocate (io_uring); otherwise it runs on the thread pool. */
+  protected abstract readonly queuesFallocate: boolean;
+
+  read(file: FileHandle, offset: number, bufs: Buffers): Promise<number> {
+    return this.#enqueue(OP_READ, file, offset, bufs, 0, 0);
+  }
+
+  write(file: FileHandle, offset: number, bufs: Buffers): Promise<number> {
+    return this.#enqueue(OP_WRITE, file, offset, bufs, 0, 0);
+  }
+
+  async fsync(file: FileHandle, dataOnly: boolean): Promise<void> {
+    await this.#enqueue(dataOnly ? OP_FDSYNC : OP_FSYNC, file, 0, EMPTY, 0, 0);
+  }
+
+  async fallocate(file: FileHandle, mode: number, offset: number, length: number): Promise<void> {
+    if (this.queuesFallocate) {
+      await this.#enqueue(OP_FALLOCATE, file, offset, EMPTY, mode, length);
+      return;
+    }
+    // On the thread pool, but counted like a queued request so that close() waits for it.
+    if (this.#closed !== null) throw new Error(`The ${this.kind} engine is closed`);
+    this.#pooled++;
+    try {
+      await file.fallocate(mode, offset, length);
+    } finally {
+      this.#pooled--;
+      this.#checkIdle();
+    }
+  }
+
+  #enqueue(
+    op: number,
+    file: FileHandle,
+    offset: number,
+    bufs: Buffers,
+    arg: number,
+    length: number,
+  ): Promise<number> {
+    if (this.#closed !== null) {
+      return Promise.reject(new Error(`The ${this.kind} engine is closed`));
+    }
+    return new Promise((resolve, reject) => {
+      if (this.#freeTop === 0) {
+        this.#waiting.push({ op, file, offset, bufs, arg, length, resolve, reject });
+      } else {
+        this.#start(op, file, offset, bufs, arg, length, resolve, reject);
+      }
+    });
+  }
+
+  #start(
+    op: number,
+    file: FileHandle,
+    offset: number,
+    bufs: Buffers,
+    arg: number,
+    length: number,
+    resolve: (n: number) => void,
+    reject: (e: Error) => void,
+  ): void {
+    let fd: number;
+    try {
+      fd = file.fd;
+    } catch (e) {
+      reject(e as Error);
+      return;
+    }
+    const slot = this.#freeSlots[--this.#freeTop];
+    const p = this.#prep;
+    p.op = op;
+    p.fd = fd;
+    p.offset = offset;
+    p.vector = false;
+    if (op === OP_READ || op === OP_WRITE) {
+      this.#describe(slot, op, bufs);
+    } else if (op === OP_FALLOCATE) {
+      p.addr = length;
+      p.len = arg;
+    } else {
+      p.addr = 0;
+      p.len = 0;
+    }
+    this.#resolve[slot] = resolve;
+    this.#reject[slot] = reject;
+    this.#files[slot] = file;
+    this.#ops[slot] = op;
+    this.prepare(slot, p);
+    this.#inflight++;
+    this.#prepared++;
+    if (!this.#flushScheduled) {
+      this.#flushScheduled = true;
+      queueMicrotask(this.#flush);
+    }
+  }
+
+  /** Fills addr/len/vector for a read or write, bouncing memory the kernel cannot address. */
+  #describe(slot: number, op: number, bufs: Buffers): void {
+    const p = this.#prep;
+    if (bufs instanceof Uint8Array) {
+      const addr = addressOf(bufs);
+      if (addr !== null) {
+        p.addr = addr;
+        p.len = bufs.length;
+        return;
+      }
+    } else if (bufs.length <= MAX_IOV) {
+      const words = this.#iovWords;
+      let w = slot * MAX_IOV * 4;
+      let ok = true;
+      for (const b of bufs) {
+        const addr = addressOf(b);
+        if (addr === null) {
+          ok = false;
+          break;
+        }
+        words[w] = addr % 0x100000000;
+        words[w + 1] = Math.floor(addr / 0x100000000);
+        words[w + 2] = b.length;
+        words[w + 3] = 0;
+        w += 4;
+      }
+      if (ok) {
+        if (bufs.length === 1) {
+          p.addr = addressOf(bufs[0])!;
+          p.len = bufs[0].length;
+        } else {
+          p.addr = this.#iov.address + slot * MAX_IOV * IOVEC_SIZE;
+          p.len = bufs.length;
+          p.vector = true;
+        }
+        return;
+      }
+    }
+    const total = byteLength(bufs);
+    const bounce = this.#pool.take(total);
+    if (op === OP_WRITE) gather(bufs, bounce);
+    else this.#bounceTargets[slot] = bufs;
+    this.#bounce[slot] = bounce;
+    p.addr = addressOf(bounce)!;
+    p.len = total;
+  }
+
+  #flush = (): void => {
+    this.#flushScheduled = false;
+    if (this.#prepared > 0) {
+      try {
+        this.#prepared -= this.submitPrepared(this.#prepared);
+      } catch (e) {
+        this.#failPrepared(e as Error);
+      }
+    }
+    if (this.#inflight > 0 && this.#waiter === null) this.#waiter = this.#wait();
+  };
+
+  /** A fatal submission error: fail every request the kernel did not take. */
+  #failPrepared(e: Error): void {
+    this.#prepared = 0;
+    for (const slot of this.takeUnsubmitted()) this.#finish(slot, e);
+    if (this.#inflight === 0 && this.#waiter !== null) this.eventfd.signal();
+  }
+
+  async #wait(): Promise<void> {
+    try {
+      while (this.#inflight > 0) {
+        if (this.reap() > 0) {
+          // Let the completed requests' continuations run (and queue more I/O) before reaping again.
+          await null;
+          continue;
+        }
+        if (this.#prepared > 0) {
+          this.#flush();
+          if (this.#prepared === 0) continue;
+          // The kernel took none: wait for a completion to free room, or, with none
+          // outstanding, retry shortly (nothing would ever signal the eventfd).
+          if (this.#inflight > this.#prepared) await this.eventfd.wait();
+          else await new Promise((retry) => setTimeout(retry, 1));
+          continue;
+        }
+        await this.eventfd.wait();
+      }
+    } finally {
+      this.#waiter = null;
+    }
+  }
+
+  /** Called by `reap()` for each completion: `res` is bytes transferred or -errno. */
+  protected complete(slot: number, res: number): void {
+    if (res < 0) {
+      this.#finish(slot, new SysError(-res, OP_NAMES[this.#ops[slot]], this.#files[slot]!.path));
+    } else {
+      const bounce = this.#bounce[slot];
+      if (bounce !== undefined) {
+        const targets = this.#bounceTargets[slot];
+        if (targets !== undefined) scatter(bounce.subarray(0, res), targets);
+      }
+      this.#finish(slot, res);
+    }
+  }
+
+  #finish(slot: number, result: number | Error): void {
+    const resolve = this.#resolve[slot]!, reject = this.#reject[slot]!;
+    this.#resolve[slot] = this.#reject[slot] = undefined;
+    this.#files[slot] = undefined;
+    const bounce = this.#bounce[slot];
+    if (bounce !== undefined) {
+      this.#pool.give(bounce);
+      this.#bounce[slot] = undefined;
+      this.#bounceTargets[slot] = undefined;
+    }
+    this.#freeSlots[this.#freeTop++] = slot;
+    this.#inflight--;
+    if (this.#waiting.length > 0 && !this.#drainScheduled) {
+      // Started from a microtask so that a subclass never sees prepare() during its own submit.
+      this.#drainScheduled = true;
+      queueMicrotask(this.#drainWaiting);
+    }
+    this.#checkIdle();
+    if (typeof result === "number") resolve(result);
+    else reject(result);
+  }
+
+  #checkIdle(): void {
+    if (this.#inflight === 0 && this.#waiting.length === 0 && this.#pooled === 0) this.#idle?.();
+  }
+
+  #drainWaiting = (): void => {
+    this.#drainScheduled = false;
+    while (this.#freeTop > 0 && this.#waiting.length > 0) {
+      const w = this.#waiting.shift()!;
+      this.#start(w.op, w.file, w.offset, w.bufs, w.arg, w.length, w.resolve, w.reject);
+    }
+  };
+
+  close(): Promise<void> {
+    this.#closed ??= this.#close();
+    return this.#closed;
+  }
+
+  async #close(): Promise<void> {
+    if (this.#inflight > 0 || this.#waiting.length > 0 || this.#pooled > 0) {
+      await new Promise<void>((resolve) => this.#idle = resolve);
+    }
+    if (this.#waiter !== null) {
+      this.eventfd.signal();
+      await this.#waiter;
+    }
+    this.destroy();
+    this.eventfd[Symbol.dispose]();
+    this.#iov[Symbol.dispose]();
+  }
+}
+
+const EMPTY = new Uint8Array(0);
+
+function gather(bufs: Buffers, into: Uint8Array): void {
+  if (bufs instanceof Uint8Array) {
+    into.set(bufs);
+    return;
+  }
+  let off = 0;
+  for (const b of bufs) {
+    into.set(b, off);
+    off += b.length;
+  }
+}
+
+function scatter(from: Uint8Array, bufs: Buffers): void {
+  if (bufs instanceof Uint8Array) {
+    bufs.set(from.subarray(0, bufs.length));
+    return;
+  }
+  let off = 0;
+  for (const b of bufs) {
+    if (off >= from.length) break;
+    b.set(from.subarray(off, off + b.length));
+    off += b.length;
+  }
+}

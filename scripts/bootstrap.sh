@@ -1,0 +1,64 @@
+# Sourced by ./tapd and ./run-tests: makes sure the pinned Deno and the Debian packages tapd needs
+# are present, installing what is missing (Deno from the npm registry, packages with apt-get).
+# Sets TAPD_DENO to the deno binary.
+
+tapd_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+# The Deno binary that `npm ci` installs from the pinned `deno` package (package-lock.json).
+ensure_deno() {
+  TAPD_DENO="$tapd_root/node_modules/@deno/linux-x64-glibc/deno"
+  [ -x "$TAPD_DENO" ] && return 0
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "tapd: Deno is not installed and npm is missing: install Node.js/npm (apt-get install npm), then retry" >&2
+    return 1
+  fi
+  echo "tapd: installing Deno (npm ci) ..." >&2
+  (cd "$tapd_root" && npm ci --no-audit --no-fund --loglevel=error >&2) || {
+    echo "tapd: npm ci failed: cannot install Deno" >&2
+    return 1
+  }
+  [ -x "$TAPD_DENO" ] || { echo "tapd: npm ci did not install $TAPD_DENO" >&2; return 1; }
+}
+
+# ensure_packages CHECK:PACKAGE ... — CHECK is a shared library soname (lib*.so*), a file path or a
+# command;
+# missing ones are installed with apt-get when running as root, otherwise the apt-get line is shown.
+ensure_packages() {
+  local missing=() item check pkg
+  for item in "$@"; do
+    check=${item%%:*} pkg=${item#*:}
+    case $check in
+      lib*.so*) ldconfig -p 2>/dev/null | grep -q "[[:space:]]$check " && continue ;;
+      /*) [ -e "$check" ] && continue ;;
+      *) command -v "$check" >/dev/null 2>&1 && continue ;;
+    esac
+    missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "tapd: missing packages; install them with: apt-get install -y ${missing[*]}" >&2
+    return 1
+  fi
+  echo "tapd: installing ${missing[*]} ..." >&2
+  if ! apt_install "${missing[@]}"; then
+    apt-get update -qq >/dev/null 2>&1
+    # Debian 13 renamed libaio1 to libaio1t64.
+    apt_install "${missing[@]}" || apt_install "${missing[@]/#libaio1/libaio1t64}" || {
+      echo "tapd: apt-get install ${missing[*]} failed" >&2
+      return 1
+    }
+  fi
+}
+
+apt_install() {
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1
+}
+
+# Permissions tapd runs with (also baked into the compiled binary).
+TAPD_PERMISSIONS=(--allow-ffi --allow-read --allow-write --allow-env --allow-run --allow-net --allow-sys)
+
+# Libraries the program loads at run time.
+TAPD_RUNTIME_PACKAGES=(libaio.so.1:libaio1 liburing.so.2:liburing2)
+# Peers and tools the tests drive.
+TAPD_TEST_PACKAGES=(qemu-img:qemu-utils nbdinfo:libnbd-bin fio:fio gcc:gcc losetup:mount
+  /usr/include/xen/io/ring.h:libxen-dev)

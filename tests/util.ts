@@ -1,0 +1,79 @@
+/** Small helpers shared by the unit tests. */
+
+/** A seeded xorshift32 generator: the same seed gives the same sequence on every run. */
+export class Rng {
+  #s: number;
+
+  constructor(seed: number) {
+    this.#s = (seed >>> 0) || 0x9e3779b9;
+  }
+
+  /** The next value in [0, 2^32). */
+  u32(): number {
+    let x = this.#s;
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    this.#s = x >>> 0;
+    return this.#s;
+  }
+
+  /** An integer in [0, n). */
+  below(n: number): number {
+    return Math.floor((this.u32() / 0x100000000) * n);
+  }
+
+  /** Fills `bytes` with pseudo-random data. */
+  fill<T extends Uint8Array>(bytes: T): T {
+    const words = Math.floor(bytes.length / 4);
+    if (bytes.byteOffset % 4 === 0) {
+      const w = new Uint32Array(bytes.buffer, bytes.byteOffset, words);
+      for (let i = 0; i < words; i++) w[i] = this.u32();
+    } else {
+      for (let i = 0; i < words * 4; i++) bytes[i] = this.u32() & 0xff;
+    }
+    for (let i = words * 4; i < bytes.length; i++) bytes[i] = this.u32() & 0xff;
+    return bytes;
+  }
+}
+
+/** A seeded generator (see `Rng`). */
+export function rng(seed: number): Rng {
+  return new Rng(seed);
+}
+
+/**
+ * A fresh directory under /var/tmp (ext4 here: O_DIRECT and SEEK_DATA work, unlike tmpfs).
+ * The caller removes it, best with `withTempDir`.
+ */
+export function tempDir(prefix = "tapd-test-"): string {
+  return Deno.makeTempDirSync({ dir: "/var/tmp", prefix });
+}
+
+/** Runs `fn` with a fresh temporary directory and removes the directory afterwards. */
+export async function withTempDir<T>(fn: (dir: string) => T | Promise<T>): Promise<T> {
+  const dir = tempDir();
+  try {
+    return await fn(dir);
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+}
+
+/** The index of the first byte where `a` and `b` differ, or -1 when they are equal. */
+export function firstDifference(a: Uint8Array, b: Uint8Array): number {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i++) if (a[i] !== b[i]) return i;
+  return a.length === b.length ? -1 : n;
+}
+
+/** Throws, naming the first differing byte, unless `actual` equals `expected`. */
+export function assertBytes(actual: Uint8Array, expected: Uint8Array, what = "bytes"): void {
+  const at = firstDifference(actual, expected);
+  if (at >= 0) {
+    throw new Error(
+      `${what} differ at byte ${at} (lengths ${actual.length}/${expected.length}): ` +
+        `got ${actual[at]}, expected ${expected[at]}`,
+    );
+  }
+}

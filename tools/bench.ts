@@ -1,0 +1,194 @@
+/**
+ * `tapd bench`: drives one disk in-process at a fixed queue depth and reports IOPS, throughput and
+ * latency percentiles (the peer is `qemu-img bench`; bench/vs_fio.ts compares with fio).
+ */
+import { openDisk } from "../drivers/mod.ts";
+import type { Disk } from "../drivers/disk.ts";
+import { sharedPool } from "../io/buffer_pool.ts";
+import { ENGINE_KINDS } from "../io/engine.ts";
+import { parseChoice, parseCommandLine, parseCount, parseSize } from "../cli/args.ts";
+import { type Command, UsageError } from "../cli/command.ts";
+import { ensureDefaultImage } from "./state_dir.ts";
+
+const PATTERNS = ["read", "write", "randread", "randwrite"] as const;
+type Pattern = typeof PATTERNS[number];
+
+export interface BenchOptions {
+  rw: Pattern;
+  bs: number;
+  qd: number;
+  seconds: number;
+}
+
+export interface BenchResult {
+  spec: string;
+  rw: Pattern;
+  bs: number;
+  qd: number;
+  engine: string;
+  seconds: number;
+  ops: number;
+  iops: number;
+  mbps: number;
+  p50Us: number;
+  p99Us: number;
+}
+
+/** Latencies in a log-linear histogram: 16 buckets per power of two of nanoseconds (≈4%). */
+class Histogram {
+  #counts = new Float64Array(64 * 16);
+  #n = 0;
+
+  add(ns: number): void {
+    const b = ns < 1 ? 0 : Math.min(this.#counts.length - 1, Math.floor(Math.log2(ns) * 16));
+    this.#counts[b]++;
+    this.#n++;
+  }
+
+  /** The value below which `q` of the samples fall, in microseconds. */
+  quantile(q: number): number {
+    let seen = 0;
+    const want = q * this.#n;
+    for (let b = 0; b < this.#counts.length; b++) {
+      seen += this.#counts[b];
+      if (seen >= want && this.#counts[b] > 0) return 2 ** ((b + 0.5) / 16) / 1000;
+    }
+    return 0;
+  }
+}
+
+/** Runs the workload on an open disk. */
+export async function runBench(
+  disk: Disk,
+  o: BenchOptions,
+): Promise<Omit<BenchResult, "spec" | "engine">> {
+  const span = Math.floor(disk.size / o.bs) * o.bs;
+  if (span === 0) {
+    throw new UsageError(`The disk (${disk.size} bytes) is smaller than one ${o.bs}-byte block`);
+  }
+  const blocks = span / o.bs;
+  const write = o.rw === "write" || o.rw === "randwrite";
+  const random = o.rw === "randread" || o.rw === "randwrite";
+  const hist = new Histogram();
+  let seed = 0x9e3779b9, cursor = 0, ops = 0;
+  const start = performance.now(), deadline = start + o.seconds * 1000;
+
+  async function worker(): Promise<void> {
+    const buf = sharedPool.take(o.bs);
+    try {
+      if (write) { for (let i = 0; i < buf.length; i++) buf[i] = (i * 31 + ops) & 0xff; }
+      for (let now = performance.now(); now < deadline;) {
+        let off: number;
+        if (random) {
+          seed ^= seed << 13;
+          seed ^= seed >>> 17;
+          seed ^= seed << 5;
+          off = ((seed >>> 0) % blocks) * o.bs;
+        } else {
+          off = cursor;
+          cursor = cursor + o.bs >= span ? 0 : cursor + o.bs;
+        }
+        await (write ? disk.write(off, buf) : disk.read(off, buf));
+        const done = performance.now();
+        hist.add((done - now) * 1e6);
+        ops++;
+        now = done;
+      }
+    } finally {
+      sharedPool.give(buf);
+    }
+  }
+
+  await Promise.all(Array.from({ length: o.qd }, worker));
+  const seconds = (performance.now() - start) / 1000;
+  return {
+    rw: o.rw,
+    bs: o.bs,
+    qd: o.qd,
+    seconds,
+    ops,
+    iops: ops / seconds,
+    mbps: (ops * o.bs) / seconds / 1e6,
+    p50Us: hist.quantile(0.5),
+    p99Us: hist.quantile(0.99),
+  };
+}
+
+function formatLatency(us: number): string {
+  return us >= 1000 ? `${(us / 1000).toFixed(2)} ms` : `${us.toFixed(0)} µs`;
+}
+
+export const benchCommand: Command = {
+  name: "bench",
+  summary: "measure a disk's IOPS, throughput and latency in-process",
+  usage: `Usage: tapd bench [SPEC] [options]
+
+Drives the disk SPEC (tap:TYPE:PATH) from inside tapd at a fixed queue depth and prints IOPS,
+MB/s and latency percentiles. Without SPEC it uses the default image (1 GiB, created once in
+the state directory: $TAPD_STATE_DIR, /var/lib/tapd for root, else ~/.local/state/tapd).
+
+Options:
+  --rw read|write|randread|randwrite   access pattern (default randread)
+  --bs SIZE                            request size (default 4k)
+  --qd N                               requests in flight (default 64)
+  --seconds N                          run time (default 5)
+  --engine aio|uring|sync              I/O engine for file-backed disks
+  --direct on|off|auto                 O_DIRECT (default: on for aio, off for sync)
+  --json                               print one JSON object instead of text
+
+Writes overwrite the disk's contents.`,
+
+  async run(args: string[]): Promise<number> {
+    const { values, positionals } = parseCommandLine("bench", args, {
+      rw: { type: "string", default: "randread" },
+      bs: { type: "string", default: "4k" },
+      qd: { type: "string", default: "64" },
+      seconds: { type: "string", default: "5" },
+      engine: { type: "string" },
+      direct: { type: "string" },
+      json: { type: "boolean", default: false },
+    });
+    if (positionals.length > 1) {
+      throw new UsageError(`bench: expected one disk spec, got ${positionals.length}`);
+    }
+    const options: BenchOptions = {
+      rw: parseChoice(values.rw, "--rw", PATTERNS),
+      bs: parseSize(values.bs, "--bs"),
+      qd: parseCount(values.qd, "--qd", 4096),
+      seconds: parseCount(values.seconds, "--seconds", 86400),
+    };
+    if (options.bs % 512 !== 0) {
+      throw new UsageError(`Invalid --bs "${values.bs}": must be a multiple of 512`);
+    }
+    const engine = values.engine === undefined
+      ? undefined
+      : parseChoice(values.engine, "--engine", ENGINE_KINDS);
+    const direct = values.direct === undefined
+      ? undefined
+      : parseChoice(values.direct, "--direct", ["on", "off", "auto"] as const);
+    const spec = positionals[0] ?? `tap:aio:${await ensureDefaultImage()}`;
+    const write = options.rw.endsWith("write");
+    await using disk = await openDisk(spec, {
+      engine,
+      direct,
+      readOnly: !write,
+      depth: Math.max(options.qd, 1),
+    });
+    const r = await runBench(disk, options);
+    const result: BenchResult = { spec, engine: engine ?? "default", ...r };
+    if (values.json) {
+      console.log(JSON.stringify(result));
+    } else {
+      console.log(
+        `${spec}: ${r.rw} bs=${r.bs} qd=${r.qd} engine=${result.engine}, ${
+          r.seconds.toFixed(1)
+        } s\n` +
+          `  ${Math.round(r.iops)} IOPS  ${r.mbps.toFixed(1)} MB/s  ` +
+          `latency p50 ${formatLatency(r.p50Us)}  p99 ${
+            formatLatency(r.p99Us)
+          }  (${r.ops} requests)`,
+      );
+    }
+    return 0;
+  },
+};
