@@ -6,11 +6,13 @@
  * Lifetime and persistence policy:
  * - The first opener creates `/dev/shm/tapd-ram-<hash>` and loads the file into it; later openers
  *   map it. Each holds a shared flock on it while open; the last to close (the one that gets the
- *   exclusive lock) removes it.
+ *   exclusive lock) removes it. An object left by processes that died is reloaded from the file
+ *   by the next opener (unflushed writes were never promised to survive).
  * - By default a RAM disk is volatile: writes live in memory only and `flush` has nothing to do;
  *   the image file is never written.
  * - With `persist` (`tap:ram:PATH,persist`), `flush` writes every dirty 64 KiB chunk (dirtied by any
- *   process) back to the file and fdatasyncs it, and the last close flushes.
+ *   process) back to the file and fdatasyncs it, and closing a persistent disk flushes. The file
+ *   keeps its size: bytes written into the partial last sector past its end are not stored.
  *
  * Layout of the shared object: a 4 KiB header (magic "TAPDRAM1", ready flag, size, image path),
  * a dirty bitmap (one bit per chunk, set with Atomics), then the image.
@@ -73,7 +75,7 @@ class RamDisk implements DiskImpl {
     image: FileHandle | null,
     readOnly: boolean,
   ) {
-    const { bitmapWords, dataOffset } = layout(fileSize);
+    const { bitmapWords, dataOffset } = layout(size);
     this.#name = name;
     this.#shm = shm;
     this.#map = map;
@@ -137,10 +139,11 @@ class RamDisk implements DiskImpl {
 
   async close(): Promise<void> {
     const fd = this.#shm.fd;
-    const last = libc.flock(fd, LOCK_EX | LOCK_NB) === 0;
+    let last = false;
     try {
-      if (last && this.#image !== null) await this.flush();
+      if (this.#image !== null) await this.flush();
     } finally {
+      last = libc.flock(fd, LOCK_EX | LOCK_NB) === 0;
       if (last) shmUnlink(this.#name);
       this.#map[Symbol.dispose]();
       this.#shm.close();
@@ -210,16 +213,18 @@ async function openRam(path: string, options: DiskOptions): Promise<DiskImpl> {
           shm.close();
           continue;
         }
-        const { total } = layout(fileSize);
+        const { total } = layout(size);
         const shmSize = shm.stat().size;
         let map = shmSize === total ? new Mapping(shm.fd, total, { what: name }) : null;
-        if (alone && (map === null || !hasMagic(map.bytes))) {
-          // New, or its creator died while loading, or the file changed size: load the image.
+        if (alone) {
+          // Nobody uses the object: it is new, or left by a process that died (its creator while
+          // loading, or a last user before removing it). Either way the file is the truth.
           map?.[Symbol.dispose]();
+          shm.truncate(0); // drop any old contents, header and dirty bits
           shm.truncate(total);
           map = new Mapping(shm.fd, total, { what: name });
-          await load(image, map.bytes.subarray(layout(fileSize).dataOffset), fileSize);
-          writeHeader(map.bytes, fileSize, realPath);
+          await load(image, map.bytes.subarray(layout(size).dataOffset), fileSize);
+          writeHeader(map.bytes, size, realPath);
         }
         if (map === null) {
           throw new DiskError(
@@ -227,7 +232,7 @@ async function openRam(path: string, options: DiskOptions): Promise<DiskImpl> {
             `RAM image "${realPath}" changed size on disk while loaded in ${name}; close every user first`,
           );
         }
-        checkHeader(map.bytes, fileSize, realPath, name);
+        checkHeader(map.bytes, size, realPath, name);
         if (alone) await lock(shm, LOCK_SH);
         return new RamDisk(name, shm, map, size, fileSize, persistent ? image : null, readOnly);
       } catch (e) {
@@ -269,10 +274,6 @@ function writeHeader(mem: Uint8Array, size: number, realPath: string): void {
   const path = new TextEncoder().encode(realPath).subarray(0, HEADER - 65);
   mem.set(path, 64);
   mem.set(new TextEncoder().encode(MAGIC), 0); // last: marks the object complete
-}
-
-function hasMagic(mem: Uint8Array): boolean {
-  return new TextDecoder().decode(mem.subarray(0, 8)) === MAGIC;
 }
 
 function checkHeader(mem: Uint8Array, size: number, realPath: string, name: string): void {

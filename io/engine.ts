@@ -39,4 +39,8 @@ export function byteLength(bufs: Buffers): number {
 export interface EngineOptions {
   /** Operations in flight at once (default 256); more wait in a queue. */
   depth?: number;
+  /** Kernel-queue engines: µs to keep polling after a completion before sleeping (default 0). */
+  pollMicros?: number;
+  /** Kernel-queue engines: most requests per submission call. */
+  batch?: number;
 }

@@ -5,6 +5,7 @@
  * wait: completions signal an eventfd, and one nonblocking read of it is parked on Deno's thread
  * pool only while requests are in flight and none are ready (the event loop never blocks).
  */
+import { setImmediate } from "node:timers";
 import { SysError } from "../ffi/errno.ts";
 import { EventFd, type FileHandle } from "../ffi/file.ts";
 import { addressOf, AlignedMemory } from "../ffi/memory.ts";
@@ -70,6 +71,8 @@ export abstract class QueueEngine implements IoEngine {
   readonly #prep: Prepared = { op: 0, fd: 0, offset: 0, addr: 0, len: 0, vector: false };
   #waiting: Waiting[] = [];
   #inflight = 0;
+  readonly #pollMs: number;
+  readonly #batch: number;
   #pooled = 0; // requests running on the thread pool instead of the kernel queue
   #prepared = 0;
   #flushScheduled = false;
@@ -80,6 +83,8 @@ export abstract class QueueEngine implements IoEngine {
 
   constructor(options: EngineOptions) {
     this.depth = options.depth ?? 256;
+    this.#pollMs = (options.pollMicros ?? DEFAULT_POLL_MICROS) / 1000;
+    this.#batch = options.batch ?? DEFAULT_BATCH;
     this.#pool = sharedPool;
     this.#iov = new AlignedMemory(this.depth * MAX_IOV * IOVEC_SIZE);
     this.#iovWords = new Uint32Array(this.#iov.bytes.buffer);
@@ -249,12 +254,14 @@ export abstract class QueueEngine implements IoEngine {
 
   #flush = (): void => {
     this.#flushScheduled = false;
-    if (this.#prepared > 0) {
-      try {
-        this.#prepared -= this.submitPrepared(this.#prepared);
-      } catch (e) {
-        this.#failPrepared(e as Error);
+    try {
+      while (this.#prepared > 0) {
+        const n = this.submitPrepared(Math.min(this.#prepared, this.#batch));
+        this.#prepared -= n;
+        if (n === 0) break;
       }
+    } catch (e) {
+      this.#failPrepared(e as Error);
     }
     if (this.#inflight > 0 && this.#waiter === null) this.#waiter = this.#wait();
   };
@@ -267,9 +274,11 @@ export abstract class QueueEngine implements IoEngine {
   }
 
   async #wait(): Promise<void> {
+    let lastCompletion = performance.now();
     try {
       while (this.#inflight > 0) {
         if (this.reap() > 0) {
+          lastCompletion = performance.now();
           // Let the completed requests' continuations run (and queue more I/O) before reaping again.
           await null;
           continue;
@@ -283,7 +292,12 @@ export abstract class QueueEngine implements IoEngine {
           else await new Promise((retry) => setTimeout(retry, 1));
           continue;
         }
+        if (performance.now() - lastCompletion < this.#pollMs) {
+          await nextTurn(); // poll: other work runs meanwhile, and the next completion is seen sooner
+          continue;
+        }
         await this.eventfd.wait();
+        lastCompletion = performance.now();
       }
     } finally {
       this.#waiter = null;
@@ -358,6 +372,21 @@ export abstract class QueueEngine implements IoEngine {
 }
 
 const EMPTY = new Uint8Array(0);
+
+/**
+ * Tuning knobs (docs/performance.md has the measurements behind the defaults):
+ * - TAPD_POLL_US: how long the engine keeps polling for completions (yielding to the event loop
+ *   between looks) after the last one before it parks on its eventfd. Waking from the eventfd
+ *   costs a thread-pool round trip (tens of µs); polling burns CPU while requests are in flight.
+ * - TAPD_BATCH: most requests per io_submit/io_uring_enter; by default everything prepared in
+ *   one event-loop turn goes in one call.
+ */
+const DEFAULT_POLL_MICROS = Number(Deno.env.get("TAPD_POLL_US") ?? 0);
+const DEFAULT_BATCH = Number(Deno.env.get("TAPD_BATCH") ?? Infinity);
+
+function nextTurn(): Promise<void> {
+  return new Promise((resolve) => setImmediate(resolve));
+}
 
 function gather(bufs: Buffers, into: Uint8Array): void {
   if (bufs instanceof Uint8Array) {

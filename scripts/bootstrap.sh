@@ -28,7 +28,7 @@ ensure_packages() {
   for item in "$@"; do
     check=${item%%:*} pkg=${item#*:}
     case $check in
-      lib*.so*) ldconfig -p 2>/dev/null | grep -q "[[:space:]]$check " && continue ;;
+      lib*.so*) ldconfig -p 2>/dev/null | grep "[[:space:]]$check " >/dev/null && continue ;;
       /*) [ -e "$check" ] && continue ;;
       *) command -v "$check" >/dev/null 2>&1 && continue ;;
     esac

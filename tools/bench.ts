@@ -67,10 +67,14 @@ export async function runBench(
     throw new UsageError(`The disk (${disk.size} bytes) is smaller than one ${o.bs}-byte block`);
   }
   const blocks = span / o.bs;
+  if (blocks > 2 ** 31) {
+    throw new UsageError(`bench: --bs ${o.bs} is too small for a disk of ${disk.size} bytes`);
+  }
   const write = o.rw === "write" || o.rw === "randwrite";
   const random = o.rw === "randread" || o.rw === "randwrite";
   const hist = new Histogram();
-  let seed = 0x9e3779b9, cursor = 0, ops = 0;
+  let seed = 0, cursor = 0, ops = 0;
+  const mask = 2 ** Math.ceil(Math.log2(blocks)) - 1;
   const start = performance.now(), deadline = start + o.seconds * 1000;
 
   async function worker(): Promise<void> {
@@ -80,10 +84,10 @@ export async function runBench(
       for (let now = performance.now(); now < deadline;) {
         let off: number;
         if (random) {
-          seed ^= seed << 13;
-          seed ^= seed >>> 17;
-          seed ^= seed << 5;
-          off = ((seed >>> 0) % blocks) * o.bs;
+          // A full-period LCG over the next power of two: every block once per pass, in a
+          // scattered order (fio's default "random map" does the same).
+          do seed = (Math.imul(seed, 1664525) + 1013904223) & mask; while (seed >= blocks);
+          off = seed * o.bs;
         } else {
           off = cursor;
           cursor = cursor + o.bs >= span ? 0 : cursor + o.bs;
