@@ -21,6 +21,16 @@ function wrap(p: Deno.PointerObject, size: number): Uint8Array<ArrayBuffer> {
   return new Uint8Array(buffer);
 }
 
+/**
+ * A view over memory owned elsewhere (the kernel's aio completion ring, a library's buffer),
+ * made once: valid only while the owner keeps it mapped.
+ */
+export function foreignMemory(address: bigint, size: number): ArrayBuffer {
+  const p = Deno.UnsafePointer.create(address);
+  if (p === null) throw new RangeError("Cannot view memory at address 0");
+  return Deno.UnsafePointerView.getArrayBuffer(p, size);
+}
+
 // Safety net: memory dropped without dispose is reported (tests turn this into a failure).
 const leaks = new FinalizationRegistry<string>((what) => {
   leakCount++;

@@ -1,6 +1,6 @@
 /** The libaio engine: iocbs in one aligned slab, completions signalled on the engine's eventfd. */
 import { checkNeg, SysError } from "../ffi/errno.ts";
-import { AlignedMemory } from "../ffi/memory.ts";
+import { AlignedMemory, foreignMemory } from "../ffi/memory.ts";
 import {
   IO_EVENT_SIZE,
   IOCB_CMD_FDSYNC,
@@ -51,15 +51,14 @@ export class AioEngine extends QueueEngine {
     const ctxOut = new BigUint64Array(1);
     checkNeg(lib.io_setup(this.depth, ctxOut), "io_setup");
     this.#ctx = ctxOut[0];
-    const ringPtr = Deno.UnsafePointer.create(this.#ctx)!;
-    const header = new Uint32Array(Deno.UnsafePointerView.getArrayBuffer(ringPtr, 32));
+    const header = new Uint32Array(foreignMemory(this.#ctx, 32));
     if (header[4] !== AIO_RING_MAGIC) {
       lib.io_destroy(this.#ctx);
       throw new Error("libaio: the kernel's completion ring has an unknown layout");
     }
     this.#ringSize = header[1];
     this.#ring = new Uint32Array(
-      Deno.UnsafePointerView.getArrayBuffer(ringPtr, 32 + this.#ringSize * IO_EVENT_SIZE),
+      foreignMemory(this.#ctx, 32 + this.#ringSize * IO_EVENT_SIZE),
     );
     const iocbBytes = this.depth * IOCB_SIZE, ptrBytes = this.depth * 8;
     this.#mem = new AlignedMemory(iocbBytes + ptrBytes);

@@ -1,27 +1,14 @@
 /** Requests every driver must refuse, and how: the Disk wrapper's checks and open failures. */
 import assert from "node:assert/strict";
 import { openDisk } from "../../drivers/mod.ts";
-import type { DiskOptions } from "../../drivers/driver.ts";
 import { DiskError, type DiskErrorCode } from "../../drivers/errors.ts";
 import { SysError } from "../../ffi/errno.ts";
 import { sharedPool } from "../../io/buffer_pool.ts";
+import { VARIANTS } from "./variants.ts";
 import { assertBytes, rng, withTempDir } from "../util.ts";
 
 const MiB = 1024 * 1024;
 const SIZE = 4 * MiB;
-
-interface Variant {
-  name: string;
-  type: "aio" | "sync" | "ram";
-  options: DiskOptions;
-}
-
-const VARIANTS: Variant[] = [
-  { name: "aio (libaio)", type: "aio", options: { engine: "aio" } },
-  { name: "aio (io_uring)", type: "aio", options: { engine: "uring" } },
-  { name: "sync", type: "sync", options: {} },
-  { name: "ram", type: "ram", options: {} },
-];
 
 async function assertDiskError(p: Promise<unknown>, code: DiskErrorCode, what: string) {
   await assert.rejects(p, (e: unknown) => {

@@ -2,24 +2,13 @@
 import assert from "node:assert/strict";
 import { openDisk } from "../../drivers/mod.ts";
 import type { Disk } from "../../drivers/disk.ts";
-import type { DiskOptions, Extent } from "../../drivers/driver.ts";
+import type { Extent } from "../../drivers/driver.ts";
 import { sharedPool } from "../../io/buffer_pool.ts";
+import { VARIANTS } from "./variants.ts";
 import { assertBytes, rng, withTempDir } from "../util.ts";
 
 const KiB = 1024, MiB = 1024 * KiB;
 
-interface Variant {
-  name: string;
-  type: "aio" | "sync" | "ram";
-  options: DiskOptions;
-}
-
-const VARIANTS: Variant[] = [
-  { name: "aio (libaio)", type: "aio", options: { engine: "aio" } },
-  { name: "aio (io_uring)", type: "aio", options: { engine: "uring" } },
-  { name: "sync", type: "sync", options: {} },
-  { name: "ram", type: "ram", options: {} },
-];
 const RAW_VARIANTS = VARIANTS.filter((v) => v.type !== "ram");
 
 async function readRange(disk: Disk, offset: number, length: number): Promise<Uint8Array> {
