@@ -79,3 +79,17 @@ export function formatSize(bytes: number): string {
   }
   return i === 0 ? `${bytes} B` : `${Number.isInteger(v) ? v : v.toFixed(1)} ${units[i]}`;
 }
+
+/** A CPU list as taskset takes it: "0", "0,2", "1-3,5". */
+export function parseCpuList(text: string): number[] {
+  const cpus: number[] = [];
+  for (const part of text.split(",")) {
+    const m = /^(\d+)(?:-(\d+))?$/.exec(part.trim());
+    const lo = m ? Number(m[1]) : NaN, hi = m?.[2] !== undefined ? Number(m[2]) : lo;
+    if (!m || hi < lo || hi >= 1024) {
+      throw new UsageError(`Invalid CPU list "${text}": expected e.g. 0 or 0,2-3`);
+    }
+    for (let c = lo; c <= hi; c++) cpus.push(c);
+  }
+  return cpus;
+}

@@ -71,8 +71,10 @@ export interface DiskOptions {
   engine?: EngineKind;
   /** O_DIRECT: "on" fails where unsupported, "auto" falls back to buffered I/O. */
   direct?: "on" | "off" | "auto";
-  /** Requests in flight per disk in the engine. */
+  /** Engine tuning for file-backed drivers: requests in flight, submission batch, polling. */
   depth?: number;
+  batch?: number;
+  pollMicros?: number;
   /** ram: write the RAM image back to its file on flush and on last close. */
   persist?: boolean;
 }

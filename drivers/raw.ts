@@ -222,7 +222,11 @@ function rawDriver(type: "aio" | "sync", summary: string, defaultEngine: EngineK
       const { file } = openFile(path, options, wantDirect);
       let engine: IoEngine | undefined;
       try {
-        engine = createEngine(options.engine ?? defaultEngine, { depth: options.depth });
+        engine = createEngine(options.engine ?? defaultEngine, {
+          depth: options.depth,
+          batch: options.batch,
+          pollMicros: options.pollMicros,
+        });
         return Promise.resolve(new RawDisk(file, engine, options.readOnly ?? false));
       } catch (e) {
         engine?.close();

@@ -118,6 +118,15 @@ const symbols = {
   flock: { parameters: ["i32", "i32"], result: "i32" },
   flock_nb: { name: "flock", parameters: ["i32", "i32"], result: "i32", nonblocking: true },
 
+  sched_setaffinity: {
+    parameters: [
+      "i32", // pid_t pid (0: the calling thread)
+      "usize", // size_t cpusetsize
+      "buffer", // const cpu_set_t *mask
+    ],
+    result: "i32",
+  },
+
   posix_memalign: {
     parameters: [
       "buffer", // void **memptr

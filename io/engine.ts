@@ -39,8 +39,14 @@ export function byteLength(bufs: Buffers): number {
 export interface EngineOptions {
   /** Operations in flight at once (default 256); more wait in a queue. */
   depth?: number;
-  /** Kernel-queue engines: µs to keep polling after a completion before sleeping (default 0). */
+  /**
+   * Kernel-queue engines: µs to keep looking for completions (yielding to the event loop between
+   * looks) after the last one before parking on the eventfd (default 0). Trades CPU for latency.
+   */
   pollMicros?: number;
-  /** Kernel-queue engines: most requests per submission call. */
+  /**
+   * Kernel-queue engines: most requests per io_submit/io_uring_enter (default 1). Everything
+   * prepared in one event-loop turn is submitted at the end of that turn, in calls of this size.
+   */
   batch?: number;
 }

@@ -77,7 +77,11 @@ export abstract class QueueEngine implements IoEngine {
   #prepared = 0;
   #flushScheduled = false;
   #drainScheduled = false;
-  #waiter: Promise<void> | null = null;
+  /** A look for completions is scheduled, or an eventfd read is parked. */
+  #active = false;
+  #parked: Promise<void> | null = null;
+  #lastCompletion = 0;
+  #destroyed = false;
   #idle: (() => void) | null = null;
   #closed: Promise<void> | null = null;
 
@@ -263,46 +267,60 @@ export abstract class QueueEngine implements IoEngine {
     } catch (e) {
       this.#failPrepared(e as Error);
     }
-    if (this.#inflight > 0 && this.#waiter === null) this.#waiter = this.#wait();
+    if (this.#inflight > 0 && !this.#active) {
+      this.#active = true;
+      this.#lastCompletion = performance.now();
+      setImmediate(this.#tick);
+    }
   };
 
   /** A fatal submission error: fail every request the kernel did not take. */
   #failPrepared(e: Error): void {
     this.#prepared = 0;
     for (const slot of this.takeUnsubmitted()) this.#finish(slot, e);
-    if (this.#inflight === 0 && this.#waiter !== null) this.eventfd.signal();
+    if (this.#inflight === 0 && this.#parked !== null) this.eventfd.signal();
   }
 
-  async #wait(): Promise<void> {
-    let lastCompletion = performance.now();
-    try {
-      while (this.#inflight > 0) {
-        if (this.reap() > 0) {
-          lastCompletion = performance.now();
-          // Let the completed requests' continuations run (and queue more I/O) before reaping again.
-          await null;
-          continue;
-        }
-        if (this.#prepared > 0) {
-          this.#flush();
-          if (this.#prepared === 0) continue;
-          // The kernel took none: wait for a completion to free room, or, with none
-          // outstanding, retry shortly (nothing would ever signal the eventfd).
-          if (this.#inflight > this.#prepared) await this.eventfd.wait();
-          else await new Promise((retry) => setTimeout(retry, 1));
-          continue;
-        }
-        if (performance.now() - lastCompletion < this.#pollMs) {
-          await nextTurn(); // poll: other work runs meanwhile, and the next completion is seen sooner
-          continue;
-        }
-        await this.eventfd.wait();
-        lastCompletion = performance.now();
-      }
-    } finally {
-      this.#waiter = null;
+  /**
+   * The completion wait, a small state machine driven by callbacks (no allocation per look):
+   * reap; if requests remain, look again on the next event-loop turn while polling, else park
+   * one eventfd read on the thread pool. Completions' continuations (microtasks) always run
+   * before the next look, so the I/O they queue joins the next submission.
+   */
+  #tick = (): void => {
+    if (this.#destroyed) return;
+    if (this.reap() > 0) {
+      this.#lastCompletion = performance.now();
+      if (this.#inflight > 0) setImmediate(this.#tick);
+      else this.#active = false;
+      return;
     }
+    if (this.#inflight === 0) {
+      this.#active = false;
+      return;
+    }
+    if (this.#prepared > 0) {
+      this.#flush();
+      if (this.#prepared === 0) setImmediate(this.#tick);
+      // The kernel took none: wait for a completion to free room, or, with none
+      // outstanding, retry shortly (nothing would ever signal the eventfd).
+      else if (this.#inflight > this.#prepared) this.#park();
+      else setTimeout(this.#tick, 1);
+      return;
+    }
+    if (performance.now() - this.#lastCompletion < this.#pollMs) setImmediate(this.#tick);
+    else this.#park();
+  };
+
+  #park(): void {
+    this.#parked = this.eventfd.wait().then(this.#woken, this.#woken);
   }
+
+  #woken = (): void => {
+    this.#parked = null;
+    this.#lastCompletion = performance.now();
+    this.#tick();
+  };
 
   /** Called by `reap()` for each completion: `res` is bytes transferred or -errno. */
   protected complete(slot: number, res: number): void {
@@ -361,10 +379,11 @@ export abstract class QueueEngine implements IoEngine {
     if (this.#inflight > 0 || this.#waiting.length > 0 || this.#pooled > 0) {
       await new Promise<void>((resolve) => this.#idle = resolve);
     }
-    if (this.#waiter !== null) {
+    if (this.#parked !== null) {
       this.eventfd.signal();
-      await this.#waiter;
+      await this.#parked;
     }
+    this.#destroyed = true;
     this.destroy();
     this.eventfd[Symbol.dispose]();
     this.#iov[Symbol.dispose]();
@@ -374,19 +393,13 @@ export abstract class QueueEngine implements IoEngine {
 const EMPTY = new Uint8Array(0);
 
 /**
- * Tuning knobs (docs/performance.md has the measurements behind the defaults):
- * - TAPD_POLL_US: how long the engine keeps polling for completions (yielding to the event loop
- *   between looks) after the last one before it parks on its eventfd. Waking from the eventfd
- *   costs a thread-pool round trip (tens of µs); polling burns CPU while requests are in flight.
- * - TAPD_BATCH: most requests per io_submit/io_uring_enter; by default everything prepared in
- *   one event-loop turn goes in one call.
+ * Defaults, measured on a virtio disk (docs/performance.md): submitting requests one per system
+ * call beat one call per event-loop turn by 5–10% at QD64, because the kernel holds a batch back
+ * (plugging) and the device sees bursts; fio shows the same with --iodepth_batch_submit. Polling
+ * pays only when the process is pinned to CPUs away from the device's interrupt.
  */
-const DEFAULT_POLL_MICROS = Number(Deno.env.get("TAPD_POLL_US") ?? 0);
-const DEFAULT_BATCH = Number(Deno.env.get("TAPD_BATCH") ?? Infinity);
-
-function nextTurn(): Promise<void> {
-  return new Promise((resolve) => setImmediate(resolve));
-}
+const DEFAULT_POLL_MICROS = 0;
+const DEFAULT_BATCH = 1;
 
 function gather(bufs: Buffers, into: Uint8Array): void {
   if (bufs instanceof Uint8Array) {

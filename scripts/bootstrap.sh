@@ -4,20 +4,31 @@
 
 tapd_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-# The Deno binary that `npm ci` installs from the pinned `deno` package (package-lock.json).
+# The Deno binary that `npm ci` installs from the pinned `deno` package (toolchain/package.json and
+# its lock file; kept out of the root so that Deno does not treat it as the project's npm
+# dependencies). A link node_modules/.bin/deno points at it for editors and hooks.
 ensure_deno() {
-  TAPD_DENO="$tapd_root/node_modules/@deno/linux-x64-glibc/deno"
-  [ -x "$TAPD_DENO" ] && return 0
+  TAPD_DENO="$tapd_root/toolchain/node_modules/@deno/linux-x64-glibc/deno"
+  if [ -x "$TAPD_DENO" ]; then
+    [ -e "$tapd_root/node_modules/.bin/deno" ] || link_deno
+    return 0
+  fi
   if ! command -v npm >/dev/null 2>&1; then
     echo "tapd: Deno is not installed and npm is missing: install Node.js/npm (apt-get install npm), then retry" >&2
     return 1
   fi
   echo "tapd: installing Deno (npm ci) ..." >&2
-  (cd "$tapd_root" && npm ci --no-audit --no-fund --loglevel=error >&2) || {
+  (cd "$tapd_root/toolchain" && npm ci --no-audit --no-fund --loglevel=error >&2) || {
     echo "tapd: npm ci failed: cannot install Deno" >&2
     return 1
   }
   [ -x "$TAPD_DENO" ] || { echo "tapd: npm ci did not install $TAPD_DENO" >&2; return 1; }
+  link_deno
+}
+
+link_deno() {
+  mkdir -p "$tapd_root/node_modules/.bin" &&
+    ln -sfn "$TAPD_DENO" "$tapd_root/node_modules/.bin/deno"
 }
 
 # ensure_packages CHECK:PACKAGE ... — CHECK is a shared library soname (lib*.so*), a file path or a
@@ -54,8 +65,9 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1
 }
 
-# Permissions tapd runs with (also baked into the compiled binary).
-TAPD_PERMISSIONS=(--allow-ffi --allow-read --allow-write --allow-env --allow-run --allow-net --allow-sys)
+# Permissions tapd runs with (also baked into the compiled binary). FFI access is all access in
+# effect, and Deno guards some files (/proc/self/task, for pinning threads) behind --allow-all.
+TAPD_PERMISSIONS=(--allow-all)
 
 # Libraries the program loads at run time.
 TAPD_RUNTIME_PACKAGES=(libaio.so.1:libaio1 liburing.so.2:liburing2)

@@ -1,15 +1,7 @@
 /** Whether `deno compile` can run offline here, and the permissions the binary gets. */
 
 /** Must match TAPD_PERMISSIONS in scripts/bootstrap.sh. */
-export const PERMISSIONS: readonly string[] = [
-  "--allow-ffi",
-  "--allow-read",
-  "--allow-write",
-  "--allow-env",
-  "--allow-run",
-  "--allow-net",
-  "--allow-sys",
-];
+export const PERMISSIONS: readonly string[] = ["--allow-all"];
 
 /** null when a denort runtime is available, otherwise the reason it is not. */
 export function denortAvailable(): string | null {

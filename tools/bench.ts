@@ -6,7 +6,8 @@ import { openDisk } from "../drivers/mod.ts";
 import type { Disk } from "../drivers/disk.ts";
 import { sharedPool } from "../io/buffer_pool.ts";
 import { ENGINE_KINDS } from "../io/engine.ts";
-import { parseChoice, parseCommandLine, parseCount, parseSize } from "../cli/args.ts";
+import { parseChoice, parseCommandLine, parseCount, parseCpuList, parseSize } from "../cli/args.ts";
+import { pinProcess } from "../ffi/process.ts";
 import { type Command, UsageError } from "../cli/command.ts";
 import { ensureDefaultImage } from "./state_dir.ts";
 
@@ -138,6 +139,9 @@ Options:
   --seconds N                          run time (default 5)
   --engine aio|uring|sync              I/O engine for file-backed disks
   --direct on|off|auto                 O_DIRECT (default: on for aio, off for sync)
+  --batch N                            most requests per io_submit/io_uring_enter (default 1)
+  --poll-us N                          poll for completions N µs before sleeping (default 0)
+  --cpus LIST                          pin the process to these CPUs, e.g. 0 or 0,2-3 (as taskset)
   --json                               print one JSON object instead of text
 
 Writes overwrite the disk's contents.`,
@@ -151,6 +155,9 @@ Writes overwrite the disk's contents.`,
       engine: { type: "string" },
       direct: { type: "string" },
       json: { type: "boolean", default: false },
+      batch: { type: "string" },
+      "poll-us": { type: "string" },
+      cpus: { type: "string" },
     });
     if (positionals.length > 1) {
       throw new UsageError(`bench: expected one disk spec, got ${positionals.length}`);
@@ -170,6 +177,13 @@ Writes overwrite the disk's contents.`,
     const direct = values.direct === undefined
       ? undefined
       : parseChoice(values.direct, "--direct", ["on", "off", "auto"] as const);
+    const batch = values.batch === undefined
+      ? undefined
+      : parseCount(values.batch, "--batch", 4096);
+    const pollMicros = values["poll-us"] === undefined
+      ? undefined
+      : parseCount(values["poll-us"], "--poll-us", 1_000_000);
+    if (values.cpus !== undefined) pinProcess(parseCpuList(values.cpus));
     const spec = positionals[0] ?? `tap:aio:${await ensureDefaultImage()}`;
     const write = options.rw.endsWith("write");
     await using disk = await openDisk(spec, {
@@ -177,6 +191,8 @@ Writes overwrite the disk's contents.`,
       direct,
       readOnly: !write,
       depth: Math.max(options.qd, 1),
+      batch,
+      pollMicros,
     });
     const r = await runBench(disk, options);
     const result: BenchResult = { spec, engine: engine ?? "default", ...r };

@@ -53,6 +53,13 @@ Deno.test("unknown commands and bad flags give one line and exit 2", async () =>
   oneLineError(await tapd("bench", "--bs", "1000"), 2, /multiple of 512/);
   oneLineError(await tapd("bench", "--qd", "0"), 2, /Invalid --qd "0"/);
   oneLineError(await tapd("bench", "--engine", "posix"), 2, /Invalid --engine "posix"/);
+  oneLineError(await tapd("bench", "--cpus", "3-1"), 2, /Invalid CPU list "3-1"/);
+  oneLineError(await tapd("bench", "--batch", "x"), 2, /Invalid --batch "x"/);
+  oneLineError(
+    await tapd("bench", "--poll-us", "-5"),
+    2,
+    /Invalid --poll-us "-5"|Option '--poll-us/,
+  );
 });
 
 Deno.test("bad disk specs and missing images give one line and exit 1", async () => {
@@ -77,6 +84,7 @@ Deno.test("tapd bench drives aio, uring, sync and ram disks and reports JSON", a
       const [spec, extra] of [
         [`tap:aio:${img}`, ["--engine", "aio"]],
         [`tap:aio:${img}`, ["--engine", "uring", "--rw", "randwrite"]],
+        [`tap:aio:${img}`, ["--cpus", "0", "--poll-us", "200", "--batch", "8"]],
         [`sync:${img}`, ["--rw", "read", "--bs", "64k"]],
         [`ram:${img}`, ["--rw", "randwrite"]],
       ] as const
