@@ -1,10 +1,21 @@
 /** tapd: one program, many subcommands. Errors end in one line on stderr and a non-zero exit. */
 import { type Command, UsageError } from "./cli/command.ts";
+import { DRIVERS } from "./drivers/mod.ts";
 import { benchCommand } from "./tools/bench.ts";
+import { img2qcowCommand } from "./tools/img2qcow.ts";
+import { infoCommand } from "./tools/info.ts";
+import { qcow2rawCommand } from "./tools/qcow2raw.ts";
+import { qcowCreateCommand } from "./tools/qcow_create.ts";
 
 export const VERSION = "0.1.0";
 
-const COMMANDS: readonly Command[] = [benchCommand];
+const COMMANDS: readonly Command[] = [
+  benchCommand,
+  qcowCreateCommand,
+  img2qcowCommand,
+  qcow2rawCommand,
+  infoCommand,
+];
 
 function overview(): string {
   const width = Math.max(...COMMANDS.map((c) => c.name.length), 7);
@@ -18,7 +29,8 @@ ${lines.join("\n")}
   ${"help".padEnd(width)}  show a command's usage (tapd help <command>)
   ${"version".padEnd(width)}  print the version
 
-Disk specs: tap:TYPE:PATH or TYPE:PATH, optional ,ro (read-only); types: aio, sync, ram.`;
+Disk specs: tap:TYPE:PATH or TYPE:PATH, optional ,ro (read-only). Types:
+${[...DRIVERS.values()].map((d) => `  ${d.type.padEnd(width)}  ${d.summary}`).join("\n")}`;
 }
 
 function find(name: string): Command {

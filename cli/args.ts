@@ -38,11 +38,12 @@ const UNITS: Readonly<Record<string, number>> = {
   p: 2 ** 50,
 };
 
-/** "4k", "1M", "10G", "512" (bytes; binary units, optional "B"/"iB") → bytes. */
-export function parseSize(text: string, what: string): number {
+/** "4k", "1M", "10G", "512", "0x3000" (bytes; binary units, optional "B"/"iB") → bytes. */
+export function parseSize(text: string, what: string, allowZero = false): number {
+  const hex = /^0x[0-9a-f]+$/i.test(text.trim()) ? Number(text.trim()) : null;
   const m = /^(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?$/i.exec(text.trim());
-  const bytes = m === null ? NaN : Number(m[1]) * UNITS[m[2].toLowerCase()];
-  if (!Number.isSafeInteger(bytes) || bytes <= 0) {
+  const bytes = hex ?? (m === null ? NaN : Number(m[1]) * UNITS[m[2].toLowerCase()]);
+  if (!Number.isSafeInteger(bytes) || bytes < 0 || (bytes === 0 && !allowZero)) {
     throw new UsageError(`Invalid ${what} "${text}": expected a size such as 4k, 1M or 10G`);
   }
   return bytes;

@@ -13,6 +13,8 @@ export class Disk implements AsyncDisposable {
   readonly name: string;
   readonly #impl: DiskImpl;
   #closed: Promise<void> | null = null;
+  #inflight = 0;
+  #idle: (() => void) | null = null;
 
   constructor(impl: DiskImpl, name: string) {
     this.#impl = impl;
@@ -25,36 +27,52 @@ export class Disk implements AsyncDisposable {
   }
 
   read(offset: number, bufs: Buffers): Promise<void> {
-    return this.#check("read", offset, byteLength(bufs), false) ?? this.#impl.read(offset, bufs);
+    return this.#check("read", offset, byteLength(bufs), false) ??
+      this.#track(this.#impl.read(offset, bufs));
   }
 
   write(offset: number, bufs: Buffers): Promise<void> {
-    return this.#check("write", offset, byteLength(bufs), true) ?? this.#impl.write(offset, bufs);
+    return this.#check("write", offset, byteLength(bufs), true) ??
+      this.#track(this.#impl.write(offset, bufs));
   }
 
   flush(): Promise<void> {
-    return this.#closedError("flush") ?? this.#impl.flush();
+    return this.#closedError("flush") ?? this.#track(this.#impl.flush());
   }
 
   discard(offset: number, length: number): Promise<void> {
-    return this.#check("discard", offset, length, true) ?? this.#impl.discard(offset, length);
+    return this.#check("discard", offset, length, true) ??
+      this.#track(this.#impl.discard(offset, length));
   }
 
   writeZeroes(offset: number, length: number, options: { mayUnmap?: boolean } = {}): Promise<void> {
     return this.#check("write zeroes", offset, length, true) ??
-      this.#impl.writeZeroes(offset, length, options.mayUnmap ?? false);
+      this.#track(this.#impl.writeZeroes(offset, length, options.mayUnmap ?? false));
   }
 
   blockStatus(offset: number, length: number): Promise<Extent[]> {
     return this.#check("block status", offset, length, false) ??
-      this.#impl.blockStatus(offset, length);
+      this.#track(this.#impl.blockStatus(offset, length));
   }
 
-  /** Waits for requests in flight and closes the driver. Idempotent. */
+  /** Refuses new requests, waits for those in flight, and closes the driver. Idempotent. */
   close(): Promise<void> {
-    this.#closed ??= this.#impl.close();
+    this.#closed ??=
+      (this.#inflight === 0
+        ? Promise.resolve()
+        : new Promise<void>((resolve) => this.#idle = resolve)).then(() => this.#impl.close());
     return this.#closed;
   }
+
+  /** Counts a request until it settles, so that close() can wait for it. */
+  #track<T>(p: Promise<T>): Promise<T> {
+    this.#inflight++;
+    return p.finally(this.#settled);
+  }
+
+  #settled = (): void => {
+    if (--this.#inflight === 0 && this.#idle !== null) this.#idle();
+  };
 
   [Symbol.asyncDispose](): Promise<void> {
     return this.close();

@@ -12,8 +12,8 @@
  * Buffers are Uint8Arrays; views over BufferPool memory reach the kernel without a copy.
  * Errors are thrown as SysError (from the kernel) or DiskError (from the driver's own checks).
  */
-import type { EngineKind } from "../io/engine.ts";
-import type { Buffers } from "../io/engine.ts";
+import type { Buffers, EngineKind } from "../io/engine.ts";
+import type { Disk } from "./disk.ts";
 
 export type { Buffers };
 
@@ -79,10 +79,16 @@ export interface DiskOptions {
   persist?: boolean;
 }
 
+/** What a driver may ask of the registry while opening (it cannot import the registry). */
+export interface OpenContext {
+  /** Opens a backing image read-only, probing its format. */
+  openBacking(path: string): Promise<Disk>;
+}
+
 /** A disk type: `tap:TYPE:PATH`. */
 export interface Driver {
   readonly type: string;
   /** One line for `tapd help`. */
   readonly summary: string;
-  open(path: string, options: DiskOptions): Promise<DiskImpl>;
+  open(path: string, options: DiskOptions, ctx: OpenContext): Promise<DiskImpl>;
 }

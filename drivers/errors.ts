@@ -21,3 +21,14 @@ export class DiskError extends Error {
     this.errno = ERRNO[code];
   }
 }
+
+/** An image file that is not what it claims to be, or that tapd does not support. */
+export class ImageError extends Error {
+  override name = "ImageError";
+  readonly path: string;
+
+  constructor(path: string, why: string) {
+    super(`Cannot open "${path}": ${why}`);
+    this.path = path;
+  }
+}

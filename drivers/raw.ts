@@ -29,18 +29,15 @@ import { DiskError } from "./errors.ts";
 const MAX_EXTENTS = 1024;
 const ZERO_CHUNK = 1024 * 1024;
 
-function openFile(
-  path: string,
-  options: DiskOptions,
-  direct: boolean,
-): { file: FileHandle; direct: boolean } {
+/** Opens an image file read-only or read-write, with O_DIRECT when `direct` (DiskOptions.direct). */
+export function openImageFile(path: string, options: DiskOptions, direct: boolean): FileHandle {
   const flags = options.readOnly ? O_RDONLY : O_RDWR;
-  if (!direct) return { file: FileHandle.open(path, flags), direct: false };
+  if (!direct) return FileHandle.open(path, flags);
   try {
-    return { file: FileHandle.open(path, flags | O_DIRECT), direct: true };
+    return FileHandle.open(path, flags | O_DIRECT);
   } catch (e) {
     if (!(e instanceof SysError) || e.errno !== EINVAL) throw e;
-    if (options.direct === "auto") return { file: FileHandle.open(path, flags), direct: false };
+    if (options.direct === "auto") return FileHandle.open(path, flags);
     throw new DiskError(
       "EINVAL",
       `Cannot open "${path}" with O_DIRECT: its file system does not support direct I/O ` +
@@ -219,7 +216,7 @@ function rawDriver(type: "aio" | "sync", summary: string, defaultEngine: EngineK
     summary,
     open(path: string, options: DiskOptions): Promise<DiskImpl> {
       const wantDirect = options.direct === undefined ? type === "aio" : options.direct !== "off";
-      const { file } = openFile(path, options, wantDirect);
+      const file = openImageFile(path, options, wantDirect);
       let engine: IoEngine | undefined;
       try {
         engine = createEngine(options.engine ?? defaultEngine, {

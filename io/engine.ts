@@ -3,7 +3,8 @@
  * Every operation queued during one event-loop turn goes to the kernel in one batch.
  *
  * Buffers may be any Uint8Array. Views over registered foreign memory (BufferPool buffers,
- * mappings) go to the kernel as they are; other memory is copied through a pool buffer.
+ * mappings) whose address and length are multiples of 512 (what O_DIRECT needs) go to the kernel
+ * as they are; other memory is copied through a pool buffer.
  */
 import type { FileHandle } from "../ffi/file.ts";
 

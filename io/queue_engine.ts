@@ -214,7 +214,7 @@ export abstract class QueueEngine implements IoEngine {
     const p = this.#prep;
     if (bufs instanceof Uint8Array) {
       const addr = addressOf(bufs);
-      if (addr !== null) {
+      if (addr !== null && ((addr | bufs.length) & 511) === 0) {
         p.addr = addr;
         p.len = bufs.length;
         return;
@@ -225,7 +225,7 @@ export abstract class QueueEngine implements IoEngine {
       let ok = true;
       for (const b of bufs) {
         const addr = addressOf(b);
-        if (addr === null) {
+        if (addr === null || ((addr | b.length) & 511) !== 0) {
           ok = false;
           break;
         }

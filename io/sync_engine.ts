@@ -6,6 +6,8 @@
 import { pooled } from "../ffi/errno.ts";
 import type { FileHandle } from "../ffi/file.ts";
 import { libc } from "../ffi/libc.ts";
+import { addressOf } from "../ffi/memory.ts";
+import { sharedPool } from "./buffer_pool.ts";
 import type { Buffers, EngineOptions, IoEngine } from "./engine.ts";
 
 export class SyncEngine implements IoEngine {
@@ -66,7 +68,10 @@ export class SyncEngine implements IoEngine {
   }
 }
 
-/** Moves every byte (short only at end of file), one buffer at a time. */
+/**
+ * Moves every byte (short only at end of file), one buffer at a time. Memory the kernel could not
+ * use with O_DIRECT (unregistered, or not 512-aligned) goes through a pool buffer.
+ */
 async function transfer(
   file: FileHandle,
   offset: number,
@@ -74,28 +79,46 @@ async function transfer(
   write: boolean,
 ): Promise<number> {
   const list = bufs instanceof Uint8Array ? [bufs] : bufs;
-  const fd = file.fd, call = write ? "pwrite" : "pread";
   let total = 0;
   for (const buf of list) {
-    let done = 0;
-    while (done < buf.length) {
-      const chunk = buf.subarray(done),
-        len = BigInt(chunk.length),
-        off = BigInt(offset + total + done);
-      const n = Number(
-        await pooled(
-          call,
-          file.path,
-          write
-            ? () => libc.pwrite_nb(fd, chunk, len, off)
-            : () => libc.pread_nb(fd, chunk, len, off),
-          write ? () => libc.pwrite(fd, chunk, len, off) : () => libc.pread(fd, chunk, len, off),
-        ),
-      );
-      if (n === 0) return total + done; // end of file
-      done += n;
+    const addr = addressOf(buf);
+    const direct = addr !== null && ((addr | buf.length) & 511) === 0;
+    const io = direct ? buf : sharedPool.take(buf.length);
+    try {
+      if (!direct && write) io.set(buf);
+      const n = await transferOne(file, offset + total, io, write);
+      if (!direct && !write) buf.set(io.subarray(0, n));
+      if (n < buf.length) return total + n; // end of file
+    } finally {
+      if (!direct) sharedPool.give(io as Uint8Array<ArrayBuffer>);
     }
     total += buf.length;
   }
   return total;
+}
+
+async function transferOne(
+  file: FileHandle,
+  offset: number,
+  buf: Uint8Array,
+  write: boolean,
+): Promise<number> {
+  const fd = file.fd, call = write ? "pwrite" : "pread";
+  let done = 0;
+  while (done < buf.length) {
+    const chunk = buf.subarray(done), len = BigInt(chunk.length), off = BigInt(offset + done);
+    const n = Number(
+      await pooled(
+        call,
+        file.path,
+        write
+          ? () => libc.pwrite_nb(fd, chunk, len, off)
+          : () => libc.pread_nb(fd, chunk, len, off),
+        write ? () => libc.pwrite(fd, chunk, len, off) : () => libc.pread(fd, chunk, len, off),
+      ),
+    );
+    if (n === 0) break;
+    done += n;
+  }
+  return done;
 }

@@ -19,6 +19,9 @@ export interface BenchOptions {
   bs: number;
   qd: number;
   seconds: number;
+  /** The window of the disk to use (default: all of it). */
+  offset?: number;
+  size?: number;
 }
 
 export interface BenchResult {
@@ -63,7 +66,11 @@ export async function runBench(
   disk: Disk,
   o: BenchOptions,
 ): Promise<Omit<BenchResult, "spec" | "engine">> {
-  const span = Math.floor(disk.size / o.bs) * o.bs;
+  const base = o.offset ?? 0;
+  if (base >= disk.size) {
+    throw new UsageError(`--offset ${base} is past the end of the disk (${disk.size} bytes)`);
+  }
+  const span = Math.floor(Math.min(o.size ?? Infinity, disk.size - base) / o.bs) * o.bs;
   if (span === 0) {
     throw new UsageError(`The disk (${disk.size} bytes) is smaller than one ${o.bs}-byte block`);
   }
@@ -93,7 +100,7 @@ export async function runBench(
           off = cursor;
           cursor = cursor + o.bs >= span ? 0 : cursor + o.bs;
         }
-        await (write ? disk.write(off, buf) : disk.read(off, buf));
+        await (write ? disk.write(base + off, buf) : disk.read(base + off, buf));
         const done = performance.now();
         hist.add((done - now) * 1e6);
         ops++;
@@ -142,6 +149,7 @@ Options:
   --batch N                            most requests per io_submit/io_uring_enter (default 1)
   --poll-us N                          poll for completions N µs before sleeping (default 0)
   --cpus LIST                          pin the process to these CPUs, e.g. 0 or 0,2-3 (as taskset)
+  --offset SIZE, --size SIZE           use only this window of the disk (default: all of it)
   --json                               print one JSON object instead of text
 
 Writes overwrite the disk's contents.`,
@@ -158,6 +166,8 @@ Writes overwrite the disk's contents.`,
       batch: { type: "string" },
       "poll-us": { type: "string" },
       cpus: { type: "string" },
+      offset: { type: "string" },
+      size: { type: "string" },
     });
     if (positionals.length > 1) {
       throw new UsageError(`bench: expected one disk spec, got ${positionals.length}`);
@@ -167,7 +177,12 @@ Writes overwrite the disk's contents.`,
       bs: parseSize(values.bs, "--bs"),
       qd: parseCount(values.qd, "--qd", 4096),
       seconds: parseCount(values.seconds, "--seconds", 86400),
+      offset: values.offset === undefined ? undefined : parseSize(values.offset, "--offset", true),
+      size: values.size === undefined ? undefined : parseSize(values.size, "--size"),
     };
+    if ((options.offset ?? 0) % 512 !== 0) {
+      throw new UsageError(`Invalid --offset: must be a multiple of 512`);
+    }
     if (options.bs % 512 !== 0) {
       throw new UsageError(`Invalid --bs "${values.bs}": must be a multiple of 512`);
     }

@@ -63,7 +63,11 @@ Deno.test("unknown commands and bad flags give one line and exit 2", async () =>
 });
 
 Deno.test("bad disk specs and missing images give one line and exit 1", async () => {
-  oneLineError(await tapd("bench", "tap:nope:/x"), 1, /Unknown disk type "nope".*aio, sync, ram/);
+  oneLineError(
+    await tapd("bench", "tap:nope:/x"),
+    1,
+    /Unknown disk type "nope".*aio, sync, ram, qcow/,
+  );
   oneLineError(await tapd("bench", "tap:aio:"), 1, /Missing path/);
   oneLineError(
     await tapd("bench", "aio:/nonexistent/disk.img"),

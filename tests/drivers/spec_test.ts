@@ -112,8 +112,8 @@ Deno.test("parseDiskSpec: an unknown type names the type and the known types", (
   }
 });
 
-Deno.test("parseDiskSpec: the known types are aio, sync and ram", () => {
-  assert.deepEqual([...DRIVERS.keys()].sort(), ["aio", "ram", "sync"]);
+Deno.test("parseDiskSpec: the known types are aio, sync, ram and qcow", () => {
+  assert.deepEqual([...DRIVERS.keys()].sort(), ["aio", "qcow", "ram", "sync"]);
 });
 
 Deno.test("parseDiskSpec: a missing path is a SpecError", () => {

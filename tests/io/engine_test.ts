@@ -366,17 +366,13 @@ for (const kind of ENGINE_KINDS) {
           // O_DIRECT wants aligned offsets, lengths and addresses.
           await assert.rejects(engine.read(file, 1, buf), isEngineError("EINVAL", "read"));
           await assert.rejects(engine.write(file, 512 + 1, buf), isEngineError("EINVAL", "write"));
-          await assert.rejects(
-            engine.read(file, 0, buf.subarray(0, 100)),
-            isEngineError("EINVAL", "read"),
-          );
-          await assert.rejects(
-            engine.read(file, 0, buf.subarray(1, 4097)),
-            isEngineError("EINVAL", "read"),
-          );
-          await assert.rejects(
-            engine.read(file, 0, [buf.subarray(0, 4096), buf.subarray(4096, 4196)]),
-            isEngineError("EINVAL", "read"),
+          // Memory the kernel cannot take (misaligned address or length) is bounced instead.
+          const odd = buf.subarray(1, 4097);
+          assert.equal(await engine.read(file, 0, odd), 4096);
+          assert.ok(odd.every((b) => b === 0x11));
+          assert.equal(
+            await engine.read(file, 0, [buf.subarray(0, 4096), buf.subarray(4096, 4608)]),
+            4608,
           );
           // The message names the errno, the call and the path.
           await assert.rejects(

@@ -1,0 +1,633 @@
+/**
+ * `qcow`: QEMU's qcow version 1, asynchronous. Reads and overwrites of allocated clusters go
+ * straight to the I/O engine with no lock; L2 tables are cached; allocating writes are
+ * serialized per L2 table only. Format: shared/specs/formats.md §1.
+ *
+ * Crash safety (kill -9 at any moment leaves an image whose flushed writes all read back, with
+ * leaked clusters at worst and never a dangling pointer):
+ * - the file is first extended (ftruncate, then fdatasync) past every cluster about to be used,
+ *   so no table entry can ever point past the end of the file;
+ * - a new cluster's data is written before the L2 entry that points at it, and a new L2 table
+ *   before the L1 entry that points at it; a crash in between leaves an unreferenced cluster;
+ * - `flush` is fdatasync: every write acknowledged before it is then durable with its metadata.
+ * New space is taken at the cluster-aligned end of the file, as QEMU does; a clean close trims
+ * the file to what is used.
+ */
+import { inflateRawSync } from "node:zlib";
+import { dirname, resolve } from "node:path";
+import { FileHandle } from "../../ffi/file.ts";
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE } from "../../ffi/constants.ts";
+import { sharedPool } from "../../io/buffer_pool.ts";
+import type { Buffers, IoEngine } from "../../io/engine.ts";
+import { createEngine } from "../../io/mod.ts";
+import type { Disk } from "../disk.ts";
+import type { DiskImpl, DiskInfo, DiskOptions, Driver, Extent, OpenContext } from "../driver.ts";
+import { DiskError, ImageError } from "../errors.ts";
+import { openImageFile } from "../raw.ts";
+import { parseHeader, type QcowHeader } from "./header.ts";
+import { compressedExtent, getEntry, Kind, kindOf, L2Cache, L2Table, setEntry } from "./tables.ts";
+
+const SECTOR = 512;
+/** The file grows by at least this much at a time (one fdatasync per step). */
+const GROW_STEP = 8 * 1024 * 1024;
+const CACHE_BYTES = 64 * 1024 * 1024;
+const MAX_EXTENTS = 1024;
+
+const alignUp = (x: number, a: number) => Math.ceil(x / a) * a;
+const alignDown = (x: number, a: number) => Math.floor(x / a) * a;
+
+class QcowDisk implements DiskImpl {
+  readonly info: DiskInfo;
+  readonly #path: string;
+  readonly #file: FileHandle;
+  readonly #engine: IoEngine;
+  readonly #h: QcowHeader;
+  readonly #cs: number;
+  readonly #l1Span: number; // guest bytes one L1 entry covers
+  readonly #l2Entries: number;
+  readonly #l2Bytes: number;
+  readonly #l1: Float64Array;
+  readonly #l1Region: Uint8Array; // the L1 table's sectors as on disk
+  readonly #l1RegionStart: number;
+  readonly #cache: L2Cache;
+  readonly #backing: Disk | null;
+  readonly #openedSize: number;
+  #end: number; // where the next cluster goes (before alignment)
+  #fileSize: number; // the file's size on disk, durable
+  #growing: Promise<void> = Promise.resolve();
+  #l1Writes: Promise<void> = Promise.resolve();
+  readonly #locks = new Map<number, Promise<void>>();
+
+  constructor(
+    path: string,
+    file: FileHandle,
+    engine: IoEngine,
+    h: QcowHeader,
+    l1Region: Uint8Array,
+    backing: Disk | null,
+    backingName: string | null,
+    fileSize: number,
+    readOnly: boolean,
+  ) {
+    this.#path = path;
+    this.#file = file;
+    this.#engine = engine;
+    this.#h = h;
+    this.#cs = 2 ** h.clusterBits;
+    this.#l2Entries = 2 ** h.l2Bits;
+    this.#l2Bytes = this.#l2Entries * 8;
+    this.#l1Span = this.#cs * this.#l2Entries;
+    this.#l1RegionStart = alignDown(h.l1Offset, SECTOR);
+    this.#l1Region = l1Region;
+    this.#l1 = new Float64Array(h.l1Size);
+    const v = new DataView(l1Region.buffer, l1Region.byteOffset, l1Region.length);
+    for (let i = 0; i < h.l1Size; i++) {
+      const e = getEntry(v, h.l1Offset - this.#l1RegionStart + i * 8);
+      if (e !== 0 && (e % SECTOR !== 0 || e + this.#l2Bytes > fileSize)) {
+        throw new ImageError(path, `L1 entry ${i} points outside the file (offset ${e})`);
+      }
+      this.#l1[i] = e;
+    }
+    this.#cache = new L2Cache(Math.floor(CACHE_BYTES / this.#l2Bytes));
+    this.#backing = backing;
+    this.#end = this.#fileSize = this.#openedSize = fileSize;
+    this.info = {
+      size: alignDown(h.size, SECTOR),
+      logicalSectorSize: SECTOR,
+      physicalSectorSize: Math.min(this.#cs, 4096),
+      readOnly,
+      backing: backingName,
+      discardFreesSpace: backing === null,
+    };
+  }
+
+  // ---- metadata I/O: any offset and length, through an aligned pool buffer ----
+
+  async #readMeta(offset: number, length: number): Promise<Uint8Array> {
+    const start = alignDown(offset, SECTOR), end = alignUp(offset + length, SECTOR);
+    const buf = sharedPool.take(end - start);
+    try {
+      const got = await this.#engine.read(this.#file, start, buf);
+      if (got < end - start) buf.fill(0, got);
+      return buf.slice(offset - start, offset - start + length);
+    } finally {
+      sharedPool.give(buf);
+    }
+  }
+
+  async #writeExactly(offset: number, data: Uint8Array): Promise<void> {
+    const n = await this.#engine.write(this.#file, offset, data);
+    if (n !== data.length) {
+      throw new DiskError("EIO", `write ${this.#path}: short write at ${offset}`);
+    }
+  }
+
+  // ---- lookups ----
+
+  #table(l1Index: number): L2Table | null | Promise<L2Table> {
+    const off = this.#l1[l1Index];
+    if (off === 0) return null;
+    return this.#cache.get(
+      off,
+      async () => new L2Table(off, await this.#readMeta(off, this.#l2Bytes)),
+    );
+  }
+
+  /** Host offset of a normal cluster's entry, checked against the file. */
+  #host(entry: number, guest: number): number {
+    if (entry % SECTOR !== 0 || entry + this.#cs > this.#fileSize) {
+      throw new DiskError(
+        "EIO",
+        `${this.#path}: corrupt image: the cluster for offset ${guest} points outside the file (${entry})`,
+      );
+    }
+    return entry;
+  }
+
+  // ---- read ----
+
+  async read(offset: number, bufs: Buffers): Promise<void> {
+    if (bufs instanceof Uint8Array) return this.#readInto(offset, bufs);
+    let pos = offset;
+    const parts: Promise<void>[] = [];
+    for (const b of bufs) {
+      parts.push(this.#readAny(pos, b));
+      pos += b.length;
+    }
+    await Promise.all(parts);
+  }
+
+  /** A piece of a scatter list may start or end inside a sector: read whole sectors around it. */
+  async #readAny(offset: number, target: Uint8Array): Promise<void> {
+    if (offset % SECTOR === 0 && target.length % SECTOR === 0) {
+      return this.#readInto(offset, target);
+    }
+    const start = alignDown(offset, SECTOR), end = alignUp(offset + target.length, SECTOR);
+    const tmp = sharedPool.take(end - start);
+    try {
+      await this.#readInto(start, tmp);
+      target.set(tmp.subarray(offset - start, offset - start + target.length));
+    } finally {
+      sharedPool.give(tmp);
+    }
+  }
+
+  async #readInto(offset: number, target: Uint8Array): Promise<void> {
+    const cs = this.#cs, end = offset + target.length, tasks: Promise<unknown>[] = [];
+    let runHost = -1, runStart = 0, runLen = 0; // consecutive clusters, contiguous on disk
+    for (let pos = offset; pos < end;) {
+      const l1i = Math.floor(pos / this.#l1Span);
+      let table = this.#table(l1i);
+      if (table instanceof Promise) table = await table;
+      const inOff = pos % cs, len = Math.min(cs - inOff, end - pos), tOff = pos - offset;
+      const l2i = Math.floor(pos / cs) % this.#l2Entries;
+      const entry = table === null ? 0 : table.entry(l2i);
+      const kind = kindOf(entry);
+      if (kind === Kind.Normal) {
+        const host = this.#host(entry, pos) + inOff;
+        if (runLen > 0 && runHost + runLen === host) {
+          runLen += len;
+        } else {
+          if (runLen > 0) {
+            tasks.push(this.#hostRead(runHost, target.subarray(runStart, runStart + runLen)));
+          }
+          runHost = host, runStart = tOff, runLen = len;
+        }
+      } else {
+        if (runLen > 0) {
+          tasks.push(this.#hostRead(runHost, target.subarray(runStart, runStart + runLen)));
+        }
+        runLen = 0;
+        const sub = target.subarray(tOff, tOff + len);
+        if (kind === Kind.Unallocated) tasks.push(this.#readBase(pos, sub));
+        else tasks.push(this.#readCompressed(table!, l2i, inOff, sub));
+      }
+      pos += len;
+    }
+    if (runLen > 0) {
+      tasks.push(this.#hostRead(runHost, target.subarray(runStart, runStart + runLen)));
+    }
+    if (tasks.length === 1) await tasks[0];
+    else await Promise.all(tasks);
+  }
+
+  async #hostRead(host: number, target: Uint8Array): Promise<void> {
+    const got = await this.#engine.read(this.#file, host, target);
+    if (got !== target.length) {
+      throw new DiskError(
+        "EIO",
+        `read ${this.#path}: short read at ${host} (${got} of ${target.length})`,
+      );
+    }
+  }
+
+  /** What an unallocated range reads as: the backing image, or zeros. */
+  async #readBase(pos: number, target: Uint8Array): Promise<void> {
+    const backing = this.#backing;
+    const inBacking = backing === null
+      ? 0
+      : Math.max(0, Math.min(target.length, backing.size - pos));
+    if (inBacking < target.length) target.fill(0, inBacking);
+    if (inBacking > 0) await backing!.read(pos, target.subarray(0, inBacking));
+  }
+
+  async #readCompressed(
+    table: L2Table,
+    l2i: number,
+    inOff: number,
+    target: Uint8Array,
+  ): Promise<void> {
+    const cluster = await this.#decompress(table, l2i);
+    target.set(cluster.subarray(inOff, inOff + target.length));
+  }
+
+  async #decompress(table: L2Table, l2i: number): Promise<Uint8Array> {
+    const { offset, length } = compressedExtent(table.view, l2i * 8, this.#h.clusterBits);
+    if (length === 0 || offset + length > this.#fileSize) {
+      throw new DiskError(
+        "EIO",
+        `${this.#path}: corrupt compressed cluster entry (offset ${offset})`,
+      );
+    }
+    const raw = await this.#readMeta(offset, length);
+    let out: Uint8Array;
+    try {
+      out = inflateRawSync(raw, { finishFlush: 2 /* Z_SYNC_FLUSH: accept a stream without end */ });
+    } catch (e) {
+      throw new DiskError(
+        "EIO",
+        `${this.#path}: compressed cluster at ${offset} does not inflate`,
+        { cause: e },
+      );
+    }
+    if (out.length < this.#cs) {
+      throw new DiskError(
+        "EIO",
+        `${this.#path}: compressed cluster at ${offset} inflates to ${out.length} bytes`,
+      );
+    }
+    return out.subarray(0, this.#cs);
+  }
+
+  // ---- write ----
+
+  async write(offset: number, bufs: Buffers): Promise<void> {
+    if (bufs instanceof Uint8Array) return this.#writeFrom(offset, bufs);
+    const total = bufs.reduce((n, b) => n + b.length, 0);
+    const tmp = sharedPool.take(total);
+    try {
+      let o = 0;
+      for (const b of bufs) {
+        tmp.set(b, o);
+        o += b.length;
+      }
+      await this.#writeFrom(offset, tmp);
+    } finally {
+      sharedPool.give(tmp);
+    }
+  }
+
+  #writeFrom(offset: number, src: Uint8Array): Promise<void> {
+    const end = offset + src.length, parts: Promise<void>[] = [];
+    for (let pos = offset; pos < end;) {
+      const l1i = Math.floor(pos / this.#l1Span);
+      const stop = Math.min(end, (l1i + 1) * this.#l1Span);
+      parts.push(this.#writeInTable(l1i, pos, src.subarray(pos - offset, stop - offset)));
+      pos = stop;
+    }
+    return parts.length === 1 ? parts[0] : Promise.all(parts).then(() => {});
+  }
+
+  /** A write inside one L2 table's range. */
+  async #writeInTable(l1i: number, offset: number, src: Uint8Array): Promise<void> {
+    let table = this.#table(l1i);
+    if (table instanceof Promise) table = await table;
+    if (table !== null) {
+      const direct = this.#directWrites(table, offset, src);
+      if (direct !== null) return direct;
+    }
+    return this.#locked(l1i, () => this.#allocatingWrite(l1i, offset, src));
+  }
+
+  /** Writes in place when every cluster is already allocated; null when one is not. */
+  #directWrites(table: L2Table, offset: number, src: Uint8Array): Promise<void> | null {
+    const cs = this.#cs, end = offset + src.length;
+    for (let pos = alignDown(offset, cs); pos < end; pos += cs) {
+      if (kindOf(table.entry(Math.floor(pos / cs) % this.#l2Entries)) !== Kind.Normal) return null;
+    }
+    const tasks: Promise<void>[] = [];
+    let runHost = -1, runStart = 0, runLen = 0;
+    for (let pos = offset; pos < end;) {
+      const inOff = pos % cs, len = Math.min(cs - inOff, end - pos);
+      const host = this.#host(table.entry(Math.floor(pos / cs) % this.#l2Entries), pos) + inOff;
+      if (runLen > 0 && runHost + runLen === host) {
+        runLen += len;
+      } else {
+        if (runLen > 0) {
+          tasks.push(this.#writeExactly(runHost, src.subarray(runStart, runStart + runLen)));
+        }
+        runHost = host, runStart = pos - offset, runLen = len;
+      }
+      pos += len;
+    }
+    tasks.push(this.#writeExactly(runHost, src.subarray(runStart, runStart + runLen)));
+    return tasks.length === 1 ? tasks[0] : Promise.all(tasks).then(() => {});
+  }
+
+  /** Runs `fn` with the table's allocation lock held. */
+  #locked<T>(l1i: number, fn: () => Promise<T>): Promise<T> {
+    const prev = this.#locks.get(l1i) ?? Promise.resolve();
+    const run = prev.then(fn);
+    const done = run.then(() => {}, () => {});
+    this.#locks.set(l1i, done);
+    done.then(() => {
+      if (this.#locks.get(l1i) === done) this.#locks.delete(l1i);
+    });
+    return run;
+  }
+
+  async #allocatingWrite(l1i: number, offset: number, src: Uint8Array): Promise<void> {
+    const cs = this.#cs, end = offset + src.length;
+    let table = this.#table(l1i);
+    if (table instanceof Promise) table = await table;
+    const direct: Promise<void>[] = [];
+    const fresh: { l2i: number; data: Uint8Array<ArrayBuffer> }[] = [];
+    try {
+      for (let pos = offset; pos < end;) {
+        const inOff = pos % cs, len = Math.min(cs - inOff, end - pos);
+        const l2i = Math.floor(pos / cs) % this.#l2Entries;
+        const entry = table === null ? 0 : table.entry(l2i);
+        const piece = src.subarray(pos - offset, pos - offset + len);
+        if (kindOf(entry) === Kind.Normal) {
+          direct.push(this.#writeExactly(this.#host(entry, pos) + inOff, piece));
+        } else {
+          // A new cluster: what the write does not cover comes from what the cluster read as
+          // (the backing image, zeros, or the old compressed data).
+          const data = sharedPool.take(cs);
+          fresh.push({ l2i, data });
+          if (len < cs) {
+            const start = pos - inOff;
+            data.fill(0); // past the virtual size, and under a backing image shorter than ours
+            if (kindOf(entry) === Kind.Compressed) data.set(await this.#decompress(table!, l2i));
+            else {await this.#readBase(
+                start,
+                data.subarray(0, Math.min(cs, this.info.size - start)),
+              );}
+          }
+          data.set(piece, inOff);
+        }
+        pos += len;
+      }
+      if (fresh.length > 0) table = await this.#commitClusters(l1i, table, fresh);
+      await Promise.all(direct);
+    } finally {
+      for (const f of fresh) sharedPool.give(f.data);
+    }
+  }
+
+  /** Writes new clusters, then their L2 entries (and a new L2 table, then its L1 entry). */
+  async #commitClusters(
+    l1i: number,
+    table: L2Table | null,
+    fresh: { l2i: number; data: Uint8Array }[],
+  ): Promise<L2Table> {
+    const cs = this.#cs;
+    const base = await this.#allocate(fresh.length * cs);
+    await Promise.all(fresh.map((f, k) => this.#writeExactly(base + k * cs, f.data)));
+    if (table === null) {
+      const tableOffset = await this.#allocate(this.#l2Bytes);
+      const created = new L2Table(tableOffset, new Uint8Array(this.#l2Bytes));
+      fresh.forEach((f, k) => setEntry(created.view, f.l2i * 8, base + k * cs));
+      await this.#writeExactly(tableOffset, created.bytes);
+      this.#cache.written(created);
+      await this.#setL1(l1i, tableOffset);
+      return created;
+    }
+    let lo = Infinity, hi = -Infinity;
+    fresh.forEach((f, k) => {
+      setEntry(table.view, f.l2i * 8, base + k * cs);
+      lo = Math.min(lo, f.l2i * 8);
+      hi = Math.max(hi, f.l2i * 8 + 8);
+    });
+    this.#cache.written(table);
+    await this.#writeTableBytes(table, lo, hi);
+    return table;
+  }
+
+  /** Writes the sectors of `table` that hold bytes [lo, hi). */
+  #writeTableBytes(table: L2Table, lo: number, hi: number): Promise<void> {
+    const start = alignDown(lo, SECTOR), end = Math.min(alignUp(hi, SECTOR), table.bytes.length);
+    return this.#writeExactly(table.offset + start, table.bytes.subarray(start, end));
+  }
+
+  /** Points L1 entry `l1i` at a table; L1 sector writes are serialized (entries share sectors). */
+  #setL1(l1i: number, tableOffset: number): Promise<void> {
+    const run = this.#l1Writes.then(async () => {
+      const at = this.#h.l1Offset + l1i * 8;
+      const v = new DataView(this.#l1Region.buffer, this.#l1Region.byteOffset);
+      setEntry(v, at - this.#l1RegionStart, tableOffset);
+      this.#l1[l1i] = tableOffset;
+      const start = alignDown(at, SECTOR), end = alignUp(at + 8, SECTOR);
+      await this.#writeExactly(
+        start,
+        this.#l1Region.subarray(start - this.#l1RegionStart, end - this.#l1RegionStart),
+      );
+    });
+    this.#l1Writes = run.catch(() => {});
+    return run;
+  }
+
+  /** Reserves `bytes` at the cluster-aligned end of the file, growing the file durably first. */
+  #allocate(bytes: number): Promise<number> {
+    const start = alignUp(this.#end, this.#cs);
+    this.#end = start + bytes;
+    const need = this.#end;
+    if (need <= this.#fileSize) return Promise.resolve(start);
+    const grow = this.#growing.then(async () => {
+      if (need <= this.#fileSize) return;
+      const size = Math.max(need, alignUp(this.#fileSize + GROW_STEP, this.#cs));
+      this.#file.truncate(size);
+      await this.#engine.fsync(this.#file, true);
+      this.#fileSize = size;
+    });
+    this.#growing = grow.catch(() => {});
+    return grow.then(() => start);
+  }
+
+  flush(): Promise<void> {
+    return this.#engine.fsync(this.#file, true);
+  }
+
+  // ---- discard, zeroes, block status ----
+
+  async discard(offset: number, length: number): Promise<void> {
+    if (this.#backing !== null) return; // unmapping would expose the backing image: keep the data
+    const cs = this.#cs;
+    const first = alignUp(offset, cs), last = alignDown(offset + length, cs);
+    const parts: Promise<void>[] = [];
+    for (let pos = first; pos < last;) {
+      const l1i = Math.floor(pos / this.#l1Span);
+      const stop = Math.min(last, (l1i + 1) * this.#l1Span);
+      parts.push(this.#locked(l1i, () => this.#unmap(l1i, pos, stop)));
+      pos = stop;
+    }
+    await Promise.all(parts);
+  }
+
+  /** Clears the L2 entries of whole clusters [from, to), then frees their space in the file. */
+  async #unmap(l1i: number, from: number, to: number): Promise<void> {
+    let table = this.#table(l1i);
+    if (table instanceof Promise) table = await table;
+    if (table === null) return;
+    const cs = this.#cs, freed: number[] = [];
+    let lo = Infinity, hi = -Infinity;
+    for (let pos = from; pos < to; pos += cs) {
+      const l2i = Math.floor(pos / cs) % this.#l2Entries;
+      const entry = table.entry(l2i);
+      if (entry === 0) continue;
+      if (kindOf(entry) === Kind.Normal) freed.push(entry);
+      setEntry(table.view, l2i * 8, 0);
+      lo = Math.min(lo, l2i * 8);
+      hi = Math.max(hi, l2i * 8 + 8);
+    }
+    if (lo === Infinity) return;
+    this.#cache.written(table);
+    await this.#writeTableBytes(table, lo, hi);
+    // The clusters are leaked (qcow has no free-space map) but give their space back.
+    await Promise.all(
+      freed.map((host) =>
+        this.#engine.fallocate(this.#file, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, host, cs)
+          .catch(() => {})
+      ),
+    );
+  }
+
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    const chunk = 1024 * 1024, zeros = sharedPool.take(Math.min(length, chunk));
+    zeros.fill(0);
+    try {
+      for (let pos = offset; pos < offset + length;) {
+        const n = Math.min(zeros.length, offset + length - pos);
+        const [first] = await this.blockStatus(pos, n);
+        if (first.zero && first.length >= n) {
+          pos += n; // already reads as zeros
+          continue;
+        }
+        await this.#writeFrom(pos, zeros.subarray(0, n));
+        pos += n;
+      }
+    } finally {
+      sharedPool.give(zeros);
+    }
+  }
+
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    const cs = this.#cs, end = offset + length, extents: Extent[] = [];
+    for (let pos = offset; pos < end && extents.length < MAX_EXTENTS;) {
+      const l1i = Math.floor(pos / this.#l1Span);
+      let table = this.#table(l1i);
+      if (table instanceof Promise) table = await table;
+      const len = table === null
+        ? Math.min((l1i + 1) * this.#l1Span, end) - pos
+        : Math.min(cs - pos % cs, end - pos);
+      const allocated = table !== null && table.entry(Math.floor(pos / cs) % this.#l2Entries) !== 0;
+      const zero = !allocated && this.#backing === null;
+      const last = extents[extents.length - 1];
+      if (last !== undefined && last.allocated === allocated && last.zero === zero) {
+        last.length += len;
+      } else extents.push({ offset: pos, length: len, allocated, zero });
+      pos += len;
+    }
+    return extents;
+  }
+
+  async close(): Promise<void> {
+    try {
+      await this.#growing;
+      // Give back what a growth step reserved and no cluster used.
+      if (!this.info.readOnly && this.#fileSize > this.#openedSize) {
+        const used = Math.max(this.#end, this.#openedSize);
+        if (used < this.#fileSize) this.#file.truncate(used);
+      }
+      await this.#engine.close();
+    } finally {
+      this.#file.close();
+      await this.#backing?.close();
+    }
+  }
+}
+
+async function openQcow(path: string, options: DiskOptions, ctx: OpenContext): Promise<DiskImpl> {
+  const readOnly = options.readOnly ?? false;
+  const file = openImageFile(path, options, options.direct !== "off");
+  let engine: IoEngine | undefined;
+  let backing = null as Disk | null;
+  try {
+    engine = createEngine(options.engine ?? "aio", {
+      depth: options.depth,
+      batch: options.batch,
+      pollMicros: options.pollMicros,
+    });
+    const fileSize = file.stat().size;
+    const head = await readAligned(engine, file, 0, Math.min(4096, alignUp(fileSize, SECTOR)));
+    const h = parseHeader(head.subarray(0, Math.min(head.length, fileSize)), fileSize, path);
+    const regionStart = alignDown(h.l1Offset, SECTOR);
+    const region = await readAligned(
+      engine,
+      file,
+      regionStart,
+      alignUp(h.l1Offset + h.l1Size * 8, SECTOR) - regionStart,
+    );
+    let backingName: string | null = null;
+    if (h.backingOffset !== 0) {
+      const start = alignDown(h.backingOffset, SECTOR);
+      const raw = await readAligned(
+        engine,
+        file,
+        start,
+        alignUp(h.backingOffset + h.backingLength, SECTOR) - start,
+      );
+      backingName = new TextDecoder().decode(
+        raw.subarray(h.backingOffset - start, h.backingOffset - start + h.backingLength),
+      );
+      const backingPath = resolve(dirname(path), backingName);
+      try {
+        backing = await ctx.openBacking(backingPath);
+      } catch (e) {
+        throw new ImageError(
+          path,
+          `cannot open its backing file "${backingName}": ${(e as Error).message}`,
+        );
+      }
+    }
+    return new QcowDisk(path, file, engine, h, region, backing, backingName, fileSize, readOnly);
+  } catch (e) {
+    await engine?.close();
+    await backing?.close();
+    file.close();
+    throw e;
+  }
+}
+
+/** Reads whole sectors at open (before the disk exists) into plain memory. */
+async function readAligned(
+  engine: IoEngine,
+  file: FileHandle,
+  offset: number,
+  length: number,
+): Promise<Uint8Array> {
+  const buf = sharedPool.take(length);
+  try {
+    const got = await engine.read(file, offset, buf);
+    if (got < length) buf.fill(0, got);
+    return buf.slice();
+  } finally {
+    sharedPool.give(buf);
+  }
+}
+
+export const qcowDriver: Driver = {
+  type: "qcow",
+  summary: "QEMU qcow (v1) image, sparse, copy-on-write over a backing file, asynchronous",
+  open: openQcow,
+};
