@@ -28,7 +28,7 @@ export class ImageError extends Error {
   readonly path: string;
 
   constructor(path: string, why: string) {
-    super(`Cannot open "${path}": ${why}`);
+    super(`Cannot open ${JSON.stringify(path)}: ${why}`);
     this.path = path;
   }
 }

@@ -1,4 +1,6 @@
 /** The disk types tapd knows, and `openDisk`, the one way to open a disk from a spec. */
+import { FileHandle } from "../ffi/file.ts";
+import { O_RDONLY } from "../ffi/constants.ts";
 import { Disk } from "./disk.ts";
 import type { DiskOptions, Driver, OpenContext } from "./driver.ts";
 import { isQcow } from "./qcow/header.ts";
@@ -12,19 +14,37 @@ export const DRIVERS: ReadonlyMap<string, Driver> = new Map(
 );
 
 /** The format of an image file from its first bytes: "qcow", or "raw" for anything else. */
-export async function probeFormat(path: string): Promise<"qcow" | "raw"> {
-  using file = await Deno.open(path, { read: true });
-  const head = new Uint8Array(8);
-  const n = await file.read(head);
-  return n === 8 && isQcow(head) ? "qcow" : "raw";
+export function probeFormat(path: string): Promise<"qcow" | "raw"> {
+  try {
+    using file = FileHandle.open(path, O_RDONLY);
+    const head = new Uint8Array(8);
+    return Promise.resolve(file.readAt(head, 0) === 8 && isQcow(head) ? "qcow" : "raw");
+  } catch (e) {
+    return Promise.reject(e);
+  }
 }
 
-/** Backing images are opened read-only, with the engine settings of the image above them. */
-function contextFor(options: DiskOptions, depth: number): OpenContext {
+function realPath(path: string): string {
+  try {
+    return Deno.realPathSync(path);
+  } catch {
+    return path;
+  }
+}
+
+/**
+ * Backing images are opened read-only, with the engine settings of the image above them.
+ * `chain` holds the real paths of the images above, to refuse loops and absurd depths.
+ */
+function contextFor(options: DiskOptions, chain: readonly string[]): OpenContext {
   return {
     async openBacking(path: string): Promise<Disk> {
-      if (depth >= 64) {
-        throw new Error(`backing chain deeper than 64 images at "${path}" (a loop?)`);
+      const real = realPath(path);
+      if (chain.includes(real)) {
+        throw new Error(`backing file loop: ${JSON.stringify(path)} is its own ancestor`);
+      }
+      if (chain.length >= 64) {
+        throw new Error(`backing chain deeper than 64 images at ${JSON.stringify(path)}`);
       }
       const type = await probeFormat(path) === "qcow" ? "qcow" : "aio";
       const backingOptions: DiskOptions = {
@@ -36,7 +56,7 @@ function contextFor(options: DiskOptions, depth: number): OpenContext {
       const impl = await DRIVERS.get(type)!.open(
         path,
         backingOptions,
-        contextFor(options, depth + 1),
+        contextFor(options, [...chain, real]),
       );
       return new Disk(impl, `${type}:${path}`);
     },
@@ -56,6 +76,6 @@ export async function openDisk(spec: string | DiskSpec, options: DiskOptions = {
     ...options,
     readOnly: s.readOnly || (options.readOnly ?? false),
     persist: s.persist || (options.persist ?? false),
-  }, contextFor(options, 0));
+  }, contextFor(options, [realPath(s.path)]));
   return new Disk(impl, `${s.type}:${s.path}`);
 }

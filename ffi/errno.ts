@@ -71,6 +71,12 @@ export function errnoMessage(errno: number): string {
   return p === null ? `error ${errno}` : Deno.UnsafePointerView.getCString(p);
 }
 
+/** A path as it goes into a one-line message: control characters escaped, JSON-style. */
+export function printable(path: string): string {
+  // deno-lint-ignore no-control-regex
+  return /[\x00-\x1f\x7f]/.test(path) ? JSON.stringify(path) : path;
+}
+
 /** A failed system or library call: `EINVAL open /x: Invalid argument`. */
 export class SysError extends Error {
   override name = "SysError";
@@ -84,7 +90,9 @@ export class SysError extends Error {
 
   constructor(errno: number, call: string, path?: string) {
     const code = errnoName(errno);
-    super(`${code} ${call}${path === undefined ? "" : " " + path}: ${errnoMessage(errno)}`);
+    super(
+      `${code} ${call}${path === undefined ? "" : " " + printable(path)}: ${errnoMessage(errno)}`,
+    );
     this.errno = errno;
     this.code = code;
     this.call = call;

@@ -119,6 +119,13 @@ export class FileHandle implements Disposable {
     );
   }
 
+  /** A small synchronous pread (headers at open time); returns the bytes read. */
+  readAt(buf: Uint8Array, offset: number): number {
+    return Number(
+      check(libc.pread(this.fd, buf, BigInt(buf.length), BigInt(offset)), "pread", this.path),
+    );
+  }
+
   truncate(size: number): void {
     check(libc.ftruncate(this.fd, BigInt(size)), "ftruncate", this.path);
   }

@@ -74,12 +74,20 @@ export function parseHeader(head: Uint8Array, fileSize: number, path: string): Q
   if (cryptMethod !== 0) throw bad(`unknown crypt_method ${cryptMethod}`);
   const l1Size = Math.ceil(size / 2 ** (clusterBits + l2Bits));
   if (l1Size > MAX_L1_ENTRIES) throw bad(`virtual size ${size} needs too large an L1 table`);
-  if (!Number.isFinite(l1Offset) || l1Offset < HEADER_SIZE || l1Offset + l1Size * 8 > fileSize) {
-    throw bad(`L1 table (${l1Size} entries at offset ${l1Offset}) lies beyond the end of the file`);
+  if (l1Offset < HEADER_SIZE) throw bad(`L1 table offset ${l1Offset} overlaps the header`);
+  if (!Number.isFinite(l1Offset) || l1Offset + l1Size * 8 > fileSize) {
+    throw bad(
+      `L1 table (${l1Size} entries at offset ${
+        v.getBigUint64(40)
+      }) lies beyond the end of the file`,
+    );
   }
   if (backingOffset !== 0) {
     if (backingLength === 0 || backingLength > MAX_BACKING_NAME) {
       throw bad(`backing file name length ${backingLength} out of range 1..${MAX_BACKING_NAME}`);
+    }
+    if (backingOffset < HEADER_SIZE) {
+      throw bad(`backing file name offset ${backingOffset} overlaps the header`);
     }
     if (!Number.isFinite(backingOffset) || backingOffset + backingLength > fileSize) {
       throw bad("backing file name lies beyond the end of the file");
@@ -130,8 +138,12 @@ export function defaultGeometry(hasBacking: boolean): { clusterBits: number; l2B
 export function newImageBytes(image: NewImage): Uint8Array {
   const geometry = defaultGeometry(image.backingFile !== undefined);
   const clusterBits = image.clusterBits ?? geometry.clusterBits;
+  // With a chosen cluster size: one cluster of L2 entries, but at least 2 MiB per L1 entry (as
+  // in QEMU's two geometries), so that small clusters do not make a huge L1 table.
   const l2Bits = image.l2Bits ??
-    (image.clusterBits === undefined ? geometry.l2Bits : clusterBits - 3);
+    (image.clusterBits === undefined
+      ? geometry.l2Bits
+      : Math.min(13, Math.max(6, clusterBits - 3, 21 - clusterBits)));
   const size = Math.ceil(image.size / 512) * 512;
   const name = new TextEncoder().encode(image.backingFile ?? "");
   if (name.length > MAX_BACKING_NAME) {

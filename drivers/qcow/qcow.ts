@@ -34,6 +34,30 @@ const CACHE_BYTES = 64 * 1024 * 1024;
 const MAX_EXTENTS = 1024;
 
 const alignUp = (x: number, a: number) => Math.ceil(x / a) * a;
+
+/**
+ * Waits for every promise, then fails with the first error: no request is left running (and
+ * no buffer handed back while the kernel still uses it) when one of its parts fails.
+ */
+async function settleAll(parts: Promise<unknown>[]): Promise<void> {
+  if (parts.length === 1) {
+    await parts[0];
+    return;
+  }
+  const results = await Promise.allSettled(parts);
+  for (const r of results) if (r.status === "rejected") throw r.reason;
+}
+
+/** One contiguous part of a read: from the file, from the base (backing or zeros), or compressed. */
+interface ReadPiece {
+  kind: Kind;
+  /** Host offset (Normal) or guest offset (Unallocated, Compressed). */
+  at: number;
+  tOff: number;
+  len: number;
+  table: L2Table | null;
+  l2i: number;
+}
 const alignDown = (x: number, a: number) => Math.floor(x / a) * a;
 
 class QcowDisk implements DiskImpl {
@@ -154,7 +178,7 @@ class QcowDisk implements DiskImpl {
       parts.push(this.#readAny(pos, b));
       pos += b.length;
     }
-    await Promise.all(parts);
+    await settleAll(parts);
   }
 
   /** A piece of a scatter list may start or end inside a sector: read whole sectors around it. */
@@ -172,9 +196,9 @@ class QcowDisk implements DiskImpl {
     }
   }
 
+  /** Plans the whole read first (lookups may throw on a corrupt image), then starts the I/O. */
   async #readInto(offset: number, target: Uint8Array): Promise<void> {
-    const cs = this.#cs, end = offset + target.length, tasks: Promise<unknown>[] = [];
-    let runHost = -1, runStart = 0, runLen = 0; // consecutive clusters, contiguous on disk
+    const cs = this.#cs, end = offset + target.length, plan: ReadPiece[] = [];
     for (let pos = offset; pos < end;) {
       const l1i = Math.floor(pos / this.#l1Span);
       let table = this.#table(l1i);
@@ -182,33 +206,25 @@ class QcowDisk implements DiskImpl {
       const inOff = pos % cs, len = Math.min(cs - inOff, end - pos), tOff = pos - offset;
       const l2i = Math.floor(pos / cs) % this.#l2Entries;
       const entry = table === null ? 0 : table.entry(l2i);
-      const kind = kindOf(entry);
+      const kind = kindOf(entry), last = plan[plan.length - 1];
       if (kind === Kind.Normal) {
         const host = this.#host(entry, pos) + inOff;
-        if (runLen > 0 && runHost + runLen === host) {
-          runLen += len;
-        } else {
-          if (runLen > 0) {
-            tasks.push(this.#hostRead(runHost, target.subarray(runStart, runStart + runLen)));
-          }
-          runHost = host, runStart = tOff, runLen = len;
-        }
+        if (last?.kind === Kind.Normal && last.at + last.len === host) last.len += len;
+        else plan.push({ kind, at: host, tOff, len, table, l2i });
+      } else if (kind === Kind.Unallocated) {
+        if (last?.kind === Kind.Unallocated) last.len += len; // guest-contiguous by construction
+        else plan.push({ kind, at: pos, tOff, len, table, l2i });
       } else {
-        if (runLen > 0) {
-          tasks.push(this.#hostRead(runHost, target.subarray(runStart, runStart + runLen)));
-        }
-        runLen = 0;
-        const sub = target.subarray(tOff, tOff + len);
-        if (kind === Kind.Unallocated) tasks.push(this.#readBase(pos, sub));
-        else tasks.push(this.#readCompressed(table!, l2i, inOff, sub));
+        plan.push({ kind, at: inOff, tOff, len, table, l2i });
       }
       pos += len;
     }
-    if (runLen > 0) {
-      tasks.push(this.#hostRead(runHost, target.subarray(runStart, runStart + runLen)));
-    }
-    if (tasks.length === 1) await tasks[0];
-    else await Promise.all(tasks);
+    await settleAll(plan.map((p) => {
+      const sub = target.subarray(p.tOff, p.tOff + p.len);
+      if (p.kind === Kind.Normal) return this.#hostRead(p.at, sub);
+      if (p.kind === Kind.Unallocated) return this.#readBase(p.at, sub);
+      return this.#readCompressed(p.table!, p.l2i, p.at, sub);
+    }));
   }
 
   async #hostRead(host: number, target: Uint8Array): Promise<void> {
@@ -295,7 +311,7 @@ class QcowDisk implements DiskImpl {
       parts.push(this.#writeInTable(l1i, pos, src.subarray(pos - offset, stop - offset)));
       pos = stop;
     }
-    return parts.length === 1 ? parts[0] : Promise.all(parts).then(() => {});
+    return settleAll(parts);
   }
 
   /** A write inside one L2 table's range. */
@@ -315,23 +331,31 @@ class QcowDisk implements DiskImpl {
     for (let pos = alignDown(offset, cs); pos < end; pos += cs) {
       if (kindOf(table.entry(Math.floor(pos / cs) % this.#l2Entries)) !== Kind.Normal) return null;
     }
+    let runs: number[]; // host, source offset, length; triples
+    try {
+      runs = this.#hostRuns(table, offset, src.length);
+    } catch (e) {
+      return Promise.reject(e);
+    }
     const tasks: Promise<void>[] = [];
-    let runHost = -1, runStart = 0, runLen = 0;
+    for (let k = 0; k < runs.length; k += 3) {
+      tasks.push(this.#writeExactly(runs[k], src.subarray(runs[k + 1], runs[k + 1] + runs[k + 2])));
+    }
+    return settleAll(tasks);
+  }
+
+  /** Host runs of allocated clusters covering [offset, offset + length), as flat triples. */
+  #hostRuns(table: L2Table, offset: number, length: number): number[] {
+    const cs = this.#cs, end = offset + length, runs: number[] = [];
     for (let pos = offset; pos < end;) {
       const inOff = pos % cs, len = Math.min(cs - inOff, end - pos);
       const host = this.#host(table.entry(Math.floor(pos / cs) % this.#l2Entries), pos) + inOff;
-      if (runLen > 0 && runHost + runLen === host) {
-        runLen += len;
-      } else {
-        if (runLen > 0) {
-          tasks.push(this.#writeExactly(runHost, src.subarray(runStart, runStart + runLen)));
-        }
-        runHost = host, runStart = pos - offset, runLen = len;
-      }
+      const n = runs.length;
+      if (n > 0 && runs[n - 3] + runs[n - 1] === host) runs[n - 1] += len;
+      else runs.push(host, pos - offset, len);
       pos += len;
     }
-    tasks.push(this.#writeExactly(runHost, src.subarray(runStart, runStart + runLen)));
-    return tasks.length === 1 ? tasks[0] : Promise.all(tasks).then(() => {});
+    return runs;
   }
 
   /** Runs `fn` with the table's allocation lock held. */
@@ -350,16 +374,17 @@ class QcowDisk implements DiskImpl {
     const cs = this.#cs, end = offset + src.length;
     let table = this.#table(l1i);
     if (table instanceof Promise) table = await table;
-    const direct: Promise<void>[] = [];
+    const direct: { host: number; piece: Uint8Array }[] = [];
     const fresh: { l2i: number; data: Uint8Array<ArrayBuffer> }[] = [];
     try {
+      // Plan first: lookups, and the old contents of partly written new clusters.
       for (let pos = offset; pos < end;) {
         const inOff = pos % cs, len = Math.min(cs - inOff, end - pos);
         const l2i = Math.floor(pos / cs) % this.#l2Entries;
         const entry = table === null ? 0 : table.entry(l2i);
         const piece = src.subarray(pos - offset, pos - offset + len);
         if (kindOf(entry) === Kind.Normal) {
-          direct.push(this.#writeExactly(this.#host(entry, pos) + inOff, piece));
+          direct.push({ host: this.#host(entry, pos) + inOff, piece });
         } else {
           // A new cluster: what the write does not cover comes from what the cluster read as
           // (the backing image, zeros, or the old compressed data).
@@ -378,8 +403,9 @@ class QcowDisk implements DiskImpl {
         }
         pos += len;
       }
-      if (fresh.length > 0) table = await this.#commitClusters(l1i, table, fresh);
-      await Promise.all(direct);
+      const writes: Promise<unknown>[] = direct.map((d) => this.#writeExactly(d.host, d.piece));
+      if (fresh.length > 0) writes.push(this.#commitClusters(l1i, table, fresh));
+      await settleAll(writes);
     } finally {
       for (const f of fresh) sharedPool.give(f.data);
     }
@@ -393,7 +419,7 @@ class QcowDisk implements DiskImpl {
   ): Promise<L2Table> {
     const cs = this.#cs;
     const base = await this.#allocate(fresh.length * cs);
-    await Promise.all(fresh.map((f, k) => this.#writeExactly(base + k * cs, f.data)));
+    await settleAll(fresh.map((f, k) => this.#writeExactly(base + k * cs, f.data)));
     if (table === null) {
       const tableOffset = await this.#allocate(this.#l2Bytes);
       const created = new L2Table(tableOffset, new Uint8Array(this.#l2Bytes));
@@ -468,10 +494,11 @@ class QcowDisk implements DiskImpl {
     for (let pos = first; pos < last;) {
       const l1i = Math.floor(pos / this.#l1Span);
       const stop = Math.min(last, (l1i + 1) * this.#l1Span);
-      parts.push(this.#locked(l1i, () => this.#unmap(l1i, pos, stop)));
+      const from = pos;
+      parts.push(this.#locked(l1i, () => this.#unmap(l1i, from, stop)));
       pos = stop;
     }
-    await Promise.all(parts);
+    await settleAll(parts);
   }
 
   /** Clears the L2 entries of whole clusters [from, to), then frees their space in the file. */
@@ -594,9 +621,10 @@ async function openQcow(path: string, options: DiskOptions, ctx: OpenContext): P
       try {
         backing = await ctx.openBacking(backingPath);
       } catch (e) {
+        if (e instanceof ImageError) throw e; // a deeper image's own message says it all
         throw new ImageError(
           path,
-          `cannot open its backing file "${backingName}": ${(e as Error).message}`,
+          `cannot open its backing file ${JSON.stringify(backingName)}: ${(e as Error).message}`,
         );
       }
     }
