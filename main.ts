@@ -2,6 +2,7 @@
 import { type Command, UsageError } from "./cli/command.ts";
 import { DRIVERS } from "./drivers/mod.ts";
 import { benchCommand } from "./tools/bench.ts";
+import { tapdiskCommand } from "./tools/tapdisk.ts";
 import { img2qcowCommand } from "./tools/img2qcow.ts";
 import { infoCommand } from "./tools/info.ts";
 import { qcow2rawCommand } from "./tools/qcow2raw.ts";
@@ -15,6 +16,7 @@ const COMMANDS: readonly Command[] = [
   img2qcowCommand,
   qcow2rawCommand,
   infoCommand,
+  tapdiskCommand,
 ];
 
 function overview(): string {

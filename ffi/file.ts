@@ -148,8 +148,14 @@ export class EventFd implements Disposable {
   #scratch = new BigUint64Array(1);
   #one = new BigUint64Array([1n]);
 
-  constructor() {
-    this.handle = new FileHandle(check(libc.eventfd(0, EFD_CLOEXEC), "eventfd"), "eventfd");
+  constructor(handle?: FileHandle) {
+    this.handle = handle ??
+      new FileHandle(check(libc.eventfd(0, EFD_CLOEXEC), "eventfd"), "eventfd");
+  }
+
+  /** Wraps an eventfd received from elsewhere (another process, over a socket). */
+  static adopt(handle: FileHandle): EventFd {
+    return new EventFd(handle);
   }
 
   get fd(): number {

@@ -109,6 +109,11 @@ const symbols = {
     ],
     result: "i32",
   },
+  ioctl_value: {
+    name: "ioctl",
+    parameters: ["i32", "u64", "u64"], // int fd, unsigned long request, unsigned long arg
+    result: "i32",
+  },
   ioctl_nb: {
     name: "ioctl",
     parameters: ["i32", "u64", "buffer"],
@@ -126,6 +131,56 @@ const symbols = {
     ],
     result: "i32",
   },
+
+  socket: {
+    parameters: [
+      "i32", // int domain
+      "i32", // int type
+      "i32", // int protocol
+    ],
+    result: "i32",
+  },
+  bind: {
+    parameters: [
+      "i32", // int sockfd
+      "buffer", // const struct sockaddr *addr
+      "u32", // socklen_t addrlen
+    ],
+    result: "i32",
+  },
+  connect: { parameters: ["i32", "buffer", "u32"], result: "i32" },
+  listen: { parameters: ["i32", "i32"], result: "i32" }, // int sockfd, int backlog
+  accept4_nb: {
+    name: "accept4",
+    parameters: [
+      "i32", // int sockfd
+      "pointer", // struct sockaddr *addr (NULL)
+      "pointer", // socklen_t *addrlen (NULL)
+      "i32", // int flags
+    ],
+    result: "i32",
+    nonblocking: true,
+  },
+  shutdown: { parameters: ["i32", "i32"], result: "i32" }, // int sockfd, int how
+  sendmsg: {
+    parameters: [
+      "i32", // int sockfd
+      "buffer", // const struct msghdr *msg
+      "i32", // int flags
+    ],
+    result: "isize",
+  },
+  recvmsg: {
+    parameters: [
+      "i32", // int sockfd
+      "buffer", // struct msghdr *msg
+      "i32", // int flags
+    ],
+    result: "isize",
+  },
+
+  // Used only as a full memory barrier: on x86-64 it is one `lock cmpxchg` (see memory.ts).
+  pthread_spin_trylock: { parameters: ["buffer"], result: "i32" }, // pthread_spinlock_t *lock
 
   posix_memalign: {
     parameters: [

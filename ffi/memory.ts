@@ -31,6 +31,17 @@ export function foreignMemory(address: bigint, size: number): ArrayBuffer {
   return Deno.UnsafePointerView.getArrayBuffer(p, size);
 }
 
+const barrierWord = new Int32Array(1);
+
+/**
+ * A full memory barrier (a store is not reordered with a later load), for memory shared with
+ * another process. JS Atomics on a non-shared ArrayBuffer (which foreign memory is) carry no
+ * cross-process guarantee, so the barrier is glibc's pthread_spin_trylock: one `lock cmpxchg`.
+ */
+export function fullBarrier(): void {
+  libc.pthread_spin_trylock(barrierWord);
+}
+
 // Safety net: memory dropped without dispose is reported (tests turn this into a failure).
 const leaks = new FinalizationRegistry<string>((what) => {
   leakCount++;

@@ -8,6 +8,7 @@ import { sharedPool } from "../io/buffer_pool.ts";
 import { ENGINE_KINDS } from "../io/engine.ts";
 import { parseChoice, parseCommandLine, parseCount, parseCpuList, parseSize } from "../cli/args.ts";
 import { pinProcess } from "../ffi/process.ts";
+import { RingFrontend } from "../ring/frontend.ts";
 import { type Command, UsageError } from "../cli/command.ts";
 import { ensureDefaultImage } from "./state_dir.ts";
 
@@ -61,9 +62,12 @@ class Histogram {
   }
 }
 
+/** What bench drives: an open Disk, or a ring frontend attached to a tapdisk. */
+export type BenchTarget = Pick<Disk, "size" | "read" | "write">;
+
 /** Runs the workload on an open disk. */
 export async function runBench(
-  disk: Disk,
+  disk: BenchTarget,
   o: BenchOptions,
 ): Promise<Omit<BenchResult, "spec" | "engine">> {
   const base = o.offset ?? 0;
@@ -150,6 +154,8 @@ Options:
   --poll-us N                          poll for completions N µs before sleeping (default 0)
   --cpus LIST                          pin the process to these CPUs, e.g. 0 or 0,2-3 (as taskset)
   --offset SIZE, --size SIZE           use only this window of the disk (default: all of it)
+  --ring unix:PATH                     drive a running \`tapd tapdisk\` through its blkif ring
+                                       instead of opening SPEC in this process
   --json                               print one JSON object instead of text
 
 Writes overwrite the disk's contents.`,
@@ -168,6 +174,7 @@ Writes overwrite the disk's contents.`,
       cpus: { type: "string" },
       offset: { type: "string" },
       size: { type: "string" },
+      ring: { type: "string" },
     });
     if (positionals.length > 1) {
       throw new UsageError(`bench: expected one disk spec, got ${positionals.length}`);
@@ -199,17 +206,35 @@ Writes overwrite the disk's contents.`,
       ? undefined
       : parseCount(values["poll-us"], "--poll-us", 1_000_000);
     if (values.cpus !== undefined) pinProcess(parseCpuList(values.cpus));
-    const spec = positionals[0] ?? `tap:aio:${await ensureDefaultImage()}`;
     const write = options.rw.endsWith("write");
-    await using disk = await openDisk(spec, {
-      engine,
-      direct,
-      readOnly: !write,
-      depth: Math.max(options.qd, 1),
-      batch,
-      pollMicros,
-    });
-    const r = await runBench(disk, options);
+    let spec: string, r: Omit<BenchResult, "spec" | "engine">;
+    if (values.ring !== undefined) {
+      // Through a running `tapd tapdisk`: this process is the ring's frontend.
+      if (positionals.length > 0) {
+        throw new UsageError("bench: give a disk spec or --ring, not both");
+      }
+      if (!values.ring.startsWith("unix:")) {
+        throw new UsageError(`bench: invalid --ring "${values.ring}": expected unix:PATH`);
+      }
+      spec = values.ring;
+      const frontend = new RingFrontend(values.ring.slice(5));
+      try {
+        r = await runBench(frontend, options);
+      } finally {
+        frontend.close();
+      }
+    } else {
+      spec = positionals[0] ?? `tap:aio:${await ensureDefaultImage()}`;
+      await using disk = await openDisk(spec, {
+        engine,
+        direct,
+        readOnly: !write,
+        depth: Math.max(options.qd, 1),
+        batch,
+        pollMicros,
+      });
+      r = await runBench(disk, options);
+    }
     const result: BenchResult = { spec, engine: engine ?? "default", ...r };
     if (values.json) {
       console.log(JSON.stringify(result));

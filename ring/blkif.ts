@@ -1,0 +1,158 @@
+/**
+ * Xen's blkif shared ring (xen/io/ring.h + xen/io/blkif.h, x86-64 ABI), backend side, over any
+ * shared memory: the layout, reading requests and writing responses, and the producer/consumer
+ * rules of Xen's macros (RING_FINAL_CHECK_FOR_REQUESTS, RING_PUSH_RESPONSES_AND_CHECK_NOTIFY).
+ * Views over the ring page are made once. Indexes are read and published with Atomics; the two
+ * places where the protocol needs a store ordered before a later load (Xen's mb()) use
+ * fullBarrier(), since Atomics on memory that is not a SharedArrayBuffer promise nothing to
+ * another process.
+ */
+import { fullBarrier } from "../ffi/memory.ts";
+
+/** Byte layout, checked against C's sizeof/offsetof in tests/ring/layout_test.ts. */
+export const BLKIF_LAYOUT = {
+  PAGE_SIZE: 4096,
+  RING_OFFSET: 64, // offsetof(struct blkif_sring, ring)
+  ENTRY_SIZE: 112, // sizeof(union blkif_sring_entry)
+  RING_SIZE: 32, // __RING_SIZE for one page
+  REQUEST_SIZE: 112,
+  RESPONSE_SIZE: 16,
+  SEGMENT_SIZE: 8,
+  MAX_SEGMENTS: 11,
+  // struct blkif_sring
+  OFF_REQ_PROD: 0,
+  OFF_REQ_EVENT: 4,
+  OFF_RSP_PROD: 8,
+  OFF_RSP_EVENT: 12,
+  // struct blkif_request
+  OFF_OPERATION: 0,
+  OFF_NR_SEGMENTS: 1,
+  OFF_HANDLE: 2,
+  OFF_ID: 8,
+  OFF_SECTOR_NUMBER: 16,
+  OFF_SEG: 24,
+  // struct blkif_request_segment
+  OFF_SEG_GREF: 0,
+  OFF_SEG_FIRST_SECT: 4,
+  OFF_SEG_LAST_SECT: 5,
+  // struct blkif_request_discard
+  OFF_DISCARD_FLAG: 1,
+  OFF_DISCARD_NR_SECTORS: 24,
+  // struct blkif_response
+  OFF_RSP_ID: 0,
+  OFF_RSP_OPERATION: 8,
+  OFF_RSP_STATUS: 10,
+} as const;
+
+export const BLKIF_OP_READ = 0;
+export const BLKIF_OP_WRITE = 1;
+export const BLKIF_OP_WRITE_BARRIER = 2;
+export const BLKIF_OP_FLUSH_DISKCACHE = 3;
+export const BLKIF_OP_DISCARD = 5;
+export const BLKIF_OP_INDIRECT = 6;
+export const BLKIF_RSP_OKAY = 0;
+export const BLKIF_RSP_ERROR = -1;
+export const BLKIF_RSP_EOPNOTSUPP = -2;
+
+const L = BLKIF_LAYOUT;
+
+/** One request, copied out of its ring slot (the slot is reused for the response). */
+export interface BlkifRequest {
+  operation: number;
+  nrSegments: number;
+  idLo: number;
+  idHi: number;
+  sector: number;
+  /** Per segment: gref, first_sect, last_sect. */
+  segments: Uint32Array;
+  /** discard: sectors. */
+  nrSectors: number;
+}
+
+/** The backend's half of a shared ring in `page` (one 4096-byte page). */
+export class BackRing {
+  readonly #words: Uint32Array;
+  readonly #bytes: Uint8Array;
+  readonly #view: DataView;
+  #reqCons = 0;
+  #rspProdPvt = 0;
+
+  constructor(page: Uint8Array) {
+    this.#bytes = page;
+    this.#words = new Uint32Array(page.buffer, page.byteOffset, L.PAGE_SIZE / 4);
+    this.#view = new DataView(page.buffer, page.byteOffset, L.PAGE_SIZE);
+  }
+
+  /** SHARED_RING_INIT: producers 0, both event indexes 1. */
+  initShared(): void {
+    this.#bytes.fill(0, 0, L.RING_OFFSET);
+    Atomics.store(this.#words, L.OFF_REQ_EVENT / 4, 1);
+    Atomics.store(this.#words, L.OFF_RSP_EVENT / 4, 1);
+    this.#reqCons = this.#rspProdPvt = 0;
+  }
+
+  /** Requests the frontend has published and we have not consumed (the overflow-safe rule). */
+  unconsumed(): number {
+    const prod = Atomics.load(this.#words, L.OFF_REQ_PROD / 4);
+    const req = (prod - this.#reqCons) >>> 0;
+    const rsp = L.RING_SIZE - ((this.#reqCons - this.#rspProdPvt) >>> 0);
+    return Math.min(req, rsp);
+  }
+
+  /** Copies out the next request and advances req_cons. */
+  take(): BlkifRequest {
+    const base = L.RING_OFFSET + (this.#reqCons & (L.RING_SIZE - 1)) * L.ENTRY_SIZE;
+    this.#reqCons = (this.#reqCons + 1) >>> 0;
+    const v = this.#view;
+    const operation = v.getUint8(base + L.OFF_OPERATION);
+    const nr = v.getUint8(base + L.OFF_NR_SEGMENTS);
+    const segs = new Uint32Array(Math.min(nr, L.MAX_SEGMENTS) * 3);
+    for (let i = 0; i < segs.length / 3; i++) {
+      const s = base + L.OFF_SEG + i * L.SEGMENT_SIZE;
+      segs[i * 3] = v.getUint32(s + L.OFF_SEG_GREF, true);
+      segs[i * 3 + 1] = v.getUint8(s + L.OFF_SEG_FIRST_SECT);
+      segs[i * 3 + 2] = v.getUint8(s + L.OFF_SEG_LAST_SECT);
+    }
+    return {
+      operation,
+      nrSegments: nr,
+      idLo: v.getUint32(base + L.OFF_ID, true),
+      idHi: v.getUint32(base + L.OFF_ID + 4, true),
+      sector: v.getUint32(base + L.OFF_SECTOR_NUMBER, true) +
+        v.getUint32(base + L.OFF_SECTOR_NUMBER + 4, true) * 0x100000000,
+      segments: segs,
+      nrSectors: v.getUint32(base + L.OFF_DISCARD_NR_SECTORS, true) +
+        v.getUint32(base + L.OFF_DISCARD_NR_SECTORS + 4, true) * 0x100000000,
+    };
+  }
+
+  /** Writes a response into the next response slot (not yet visible to the frontend). */
+  respond(req: BlkifRequest, status: number): void {
+    const base = L.RING_OFFSET + (this.#rspProdPvt & (L.RING_SIZE - 1)) * L.ENTRY_SIZE;
+    this.#rspProdPvt = (this.#rspProdPvt + 1) >>> 0;
+    const v = this.#view;
+    v.setUint32(base + L.OFF_RSP_ID, req.idLo, true);
+    v.setUint32(base + L.OFF_RSP_ID + 4, req.idHi, true);
+    v.setUint8(base + L.OFF_RSP_OPERATION, req.operation);
+    v.setInt16(base + L.OFF_RSP_STATUS, status, true);
+  }
+
+  /** RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: publishes responses; true if the frontend wants a kick. */
+  pushResponses(): boolean {
+    const w = this.#words;
+    const old = Atomics.load(w, L.OFF_RSP_PROD / 4), next = this.#rspProdPvt;
+    if (old === next) return false;
+    Atomics.store(w, L.OFF_RSP_PROD / 4, next); // responses are written before the index (x86 TSO)
+    fullBarrier(); // the index before reading the event
+    const event = Atomics.load(w, L.OFF_RSP_EVENT / 4);
+    return ((next - event) >>> 0) < ((next - old) >>> 0);
+  }
+
+  /** RING_FINAL_CHECK_FOR_REQUESTS: true if there is work; otherwise asks to be notified. */
+  finalCheck(): boolean {
+    if (this.unconsumed() > 0) return true;
+    Atomics.store(this.#words, L.OFF_REQ_EVENT / 4, (this.#reqCons + 1) >>> 0);
+    fullBarrier(); // the event before reading the producer again
+    return this.unconsumed() > 0;
+  }
+}
