@@ -10,8 +10,8 @@
  *   deno run -A bench/qcow_vs_raw.ts [--seconds 3] [--rounds 5]
  */
 import { parseArgs } from "node:util";
+import { ensureDataFile, median, ROOT, run } from "./common.ts";
 
-const root = new URL("../", import.meta.url).pathname;
 const { values } = parseArgs({
   options: {
     seconds: { type: "string", default: "3" },
@@ -22,14 +22,6 @@ const seconds = Number(values.seconds), rounds = Number(values.rounds);
 const raw = "/var/tmp/tapd-bench-2g.img";
 const qcow = "/var/tmp/tapd-bench-2g.qcow";
 
-async function run(cmd: string, args: string[]): Promise<string> {
-  const r = await new Deno.Command(cmd, { args, stdout: "piped", stderr: "piped" }).output();
-  if (r.code !== 0) {
-    throw new Error(`${cmd} ${args.join(" ")}: ${new TextDecoder().decode(r.stderr)}`);
-  }
-  return new TextDecoder().decode(r.stdout);
-}
-
 async function exists(path: string): Promise<boolean> {
   try {
     await Deno.stat(path);
@@ -39,22 +31,10 @@ async function exists(path: string): Promise<boolean> {
   }
 }
 
-if (!(await exists(raw))) {
-  console.log(`creating ${raw} (2 GiB of data) ...`);
-  await run("fio", [
-    "--name=fill",
-    `--filename=${raw}`,
-    "--size=2G",
-    "--rw=write",
-    "--bs=1M",
-    "--direct=1",
-    "--ioengine=libaio",
-    "--iodepth=16",
-  ]);
-}
+await ensureDataFile(raw);
 if (!(await exists(qcow))) {
   console.log(`creating ${qcow} with tapd img2qcow ...`);
-  await run(`${root}tapd`, ["img2qcow", "-q", qcow, raw]);
+  await run(`${ROOT}tapd`, ["img2qcow", "-q", qcow, raw]);
 }
 await run("sync", []); // O_DIRECT reads of a file with dirty pages wait for write-back
 const map = JSON.parse(await run("qemu-img", ["map", "--output=json", "-f", "qcow", qcow]));
@@ -70,13 +50,8 @@ const WORKLOADS = [
 ];
 
 async function bench(spec: string, args: string[]): Promise<number> {
-  const out = await run(`${root}tapd`, ["bench", spec, `--seconds=${seconds}`, "--json", ...args]);
+  const out = await run(`${ROOT}tapd`, ["bench", spec, `--seconds=${seconds}`, "--json", ...args]);
   return JSON.parse(out).iops;
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 }
 
 console.log(

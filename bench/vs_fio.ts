@@ -7,8 +7,8 @@
  *   deno task bench [--file PATH] [--size 2G] [--seconds 3] [--rounds 5] [--cpu 0]
  */
 import { parseArgs } from "node:util";
+import { ensureDataFile, fioReadIops, median, READ_WORKLOADS, tapdIops } from "./common.ts";
 
-const root = new URL("../", import.meta.url).pathname;
 const { values } = parseArgs({
   options: {
     file: { type: "string" },
@@ -21,79 +21,7 @@ const { values } = parseArgs({
 const seconds = Number(values.seconds), rounds = Number(values.rounds);
 const sizeGiB = Number(values.size.replace(/G$/i, ""));
 
-interface Workload {
-  name: string;
-  rw: string;
-  bs: string;
-  qd: number;
-}
-const WORKLOADS: Workload[] = [
-  { name: "rand read 4k QD64", rw: "randread", bs: "4k", qd: 64 },
-  { name: "seq read 1M QD16", rw: "read", bs: "1M", qd: 16 },
-];
-
-async function run(cmd: string, args: string[]): Promise<string> {
-  const r = await new Deno.Command(cmd, { args, stdout: "piped", stderr: "piped" }).output();
-  if (r.code !== 0) {
-    throw new Error(`${cmd} ${args.join(" ")} failed: ${new TextDecoder().decode(r.stderr)}`);
-  }
-  return new TextDecoder().decode(r.stdout);
-}
-
-async function fio(file: string, w: Workload): Promise<number> {
-  const out = await run("fio", [
-    "--name=bench",
-    `--filename=${file}`,
-    "--ioengine=libaio",
-    "--direct=1",
-    `--rw=${w.rw}`,
-    `--bs=${w.bs}`,
-    `--iodepth=${w.qd}`,
-    `--runtime=${seconds}`,
-    "--time_based",
-    "--output-format=json",
-  ]);
-  return JSON.parse(out).jobs[0].read.iops;
-}
-
-async function tapd(file: string, w: Workload, extra: string[]): Promise<number> {
-  const out = await run(`${root}tapd`, [
-    "bench",
-    `tap:aio:${file}`,
-    `--rw=${w.rw}`,
-    `--bs=${w.bs}`,
-    `--qd=${w.qd}`,
-    `--seconds=${seconds}`,
-    "--json",
-    ...extra,
-  ]);
-  return JSON.parse(out).iops;
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-}
-
-async function ensureFile(): Promise<{ path: string; temporary: boolean }> {
-  if (values.file) return { path: values.file, temporary: false };
-  const path = `/var/tmp/tapd-bench-${sizeGiB}g.img`;
-  try {
-    if ((await Deno.stat(path)).size === sizeGiB * 2 ** 30) return { path, temporary: true };
-  } catch { /* create it */ }
-  console.log(`creating ${path} (${sizeGiB} GiB of data) ...`);
-  await run("fio", [
-    "--name=fill",
-    `--filename=${path}`,
-    `--size=${sizeGiB}G`,
-    "--rw=write",
-    "--bs=1M",
-    "--direct=1",
-    "--ioengine=libaio",
-    "--iodepth=16",
-  ]);
-  return { path, temporary: true };
-}
+const WORKLOADS = READ_WORKLOADS;
 
 /** tapd configurations compared with fio's defaults. */
 const CONFIGS: { label: string; args: string[] }[] = [
@@ -104,6 +32,14 @@ const CONFIGS: { label: string; args: string[] }[] = [
     args: ["--engine=aio", `--cpus=${values.cpu}`, "--poll-us=200"],
   },
 ];
+
+async function ensureFile(): Promise<{ path: string; temporary: boolean }> {
+  if (values.file) return { path: values.file, temporary: false };
+  return {
+    path: await ensureDataFile(`/var/tmp/tapd-bench-${sizeGiB}g.img`, sizeGiB),
+    temporary: true,
+  };
+}
 
 const { path, temporary } = await ensureFile();
 console.log(
@@ -116,10 +52,10 @@ for (const w of WORKLOADS) {
   const ratios: number[][] = CONFIGS.map(() => []);
   const iops: number[][] = CONFIGS.map(() => []);
   for (let r = 0; r < rounds; r++) {
-    const base = await fio(path, w);
+    const base = await fioReadIops(path, w, seconds);
     fioRuns.push(base);
     for (const [i, c] of CONFIGS.entries()) {
-      const t = await tapd(path, w, c.args);
+      const t = await tapdIops(`tap:aio:${path}`, w, seconds, c.args);
       iops[i].push(t);
       ratios[i].push(t / base);
     }
