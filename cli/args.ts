@@ -49,11 +49,18 @@ export function parseSize(text: string, what: string, allowZero = false): number
   return bytes;
 }
 
-/** A positive integer option. */
-export function parseCount(text: string, what: string, max = Number.MAX_SAFE_INTEGER): number {
+/** A whole-number option from `min` (default 1) to `max`. */
+export function parseCount(
+  text: string,
+  what: string,
+  max = Number.MAX_SAFE_INTEGER,
+  min = 1,
+): number {
   const n = Number(text);
-  if (!/^\d+$/.test(text) || !Number.isSafeInteger(n) || n <= 0 || n > max) {
-    throw new UsageError(`Invalid ${what} "${text}": expected a whole number from 1 to ${max}`);
+  if (!/^\d+$/.test(text) || !Number.isSafeInteger(n) || n < min || n > max) {
+    throw new UsageError(
+      `Invalid ${what} "${text}": expected a whole number from ${min} to ${max}`,
+    );
   }
   return n;
 }

@@ -204,7 +204,7 @@ Writes overwrite the disk's contents.`,
       : parseCount(values.batch, "--batch", 4096);
     const pollMicros = values["poll-us"] === undefined
       ? undefined
-      : parseCount(values["poll-us"], "--poll-us", 1_000_000);
+      : parseCount(values["poll-us"], "--poll-us", 1_000_000, 0);
     if (values.cpus !== undefined) pinProcess(parseCpuList(values.cpus));
     const write = options.rw.endsWith("write");
     let spec: string, r: Omit<BenchResult, "spec" | "engine">;
