@@ -1,3 +1,5 @@
+import { sharedPool } from "../io/buffer_pool.ts";
+import type { Disk } from "../drivers/disk.ts";
 /** Small helpers shared by the unit tests. */
 
 /** A seeded xorshift32 generator: the same seed gives the same sequence on every run. */
@@ -75,5 +77,45 @@ export function assertBytes(actual: Uint8Array, expected: Uint8Array, what = "by
       `${what} differ at byte ${at} (lengths ${actual.length}/${expected.length}): ` +
         `got ${actual[at]}, expected ${expected[at]}`,
     );
+  }
+}
+
+/** Runs losetup; `out` holds its stdout and stderr. */
+export function losetup(...args: string[]): { ok: boolean; out: string } {
+  try {
+    const r = new Deno.Command("losetup", { args, stdout: "piped", stderr: "piped" }).outputSync();
+    const dec = new TextDecoder();
+    return { ok: r.success, out: dec.decode(r.stdout).trim() + dec.decode(r.stderr).trim() };
+  } catch (e) {
+    return { ok: false, out: String(e) };
+  }
+}
+
+/** Why loop devices cannot be used here (tried for real), or null when they can. */
+export function loopUnavailable(): string | null {
+  if (Deno.uid() !== 0) return "needs root";
+  const dir = tempDir("tapd-loop-probe-");
+  try {
+    const file = `${dir}/probe.img`;
+    Deno.writeFileSync(file, new Uint8Array(0));
+    Deno.truncateSync(file, 1024 * 1024);
+    const r = losetup("--find", "--show", file);
+    if (!r.ok || !r.out.startsWith("/dev/loop")) return `losetup failed: ${r.out.split("\n")[0]}`;
+    losetup("-d", r.out);
+    return null;
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+}
+
+/** Reads `length` bytes at `offset` into fresh memory (through a pool buffer). */
+export async function readRange(disk: Disk, offset: number, length: number): Promise<Uint8Array> {
+  const buf = sharedPool.take(length);
+  try {
+    buf.fill(0xa5);
+    await disk.read(offset, buf);
+    return buf.slice();
+  } finally {
+    sharedPool.give(buf);
   }
 }

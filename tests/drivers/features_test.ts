@@ -5,22 +5,11 @@ import type { Disk } from "../../drivers/disk.ts";
 import type { Extent } from "../../drivers/driver.ts";
 import { sharedPool } from "../../io/buffer_pool.ts";
 import { VARIANTS } from "./variants.ts";
-import { assertBytes, rng, withTempDir } from "../util.ts";
+import { assertBytes, readRange, rng, withTempDir } from "../util.ts";
 
 const KiB = 1024, MiB = 1024 * KiB;
 
 const RAW_VARIANTS = VARIANTS.filter((v) => v.type !== "ram");
-
-async function readRange(disk: Disk, offset: number, length: number): Promise<Uint8Array> {
-  const buf = sharedPool.take(length);
-  try {
-    buf.fill(0xa5);
-    await disk.read(offset, buf);
-    return buf.slice();
-  } finally {
-    sharedPool.give(buf);
-  }
-}
 
 /** Checks the blockStatus contract: contiguous extents from `offset`, at least one, in range. */
 function checkExtents(extents: Extent[], offset: number, length: number): void {

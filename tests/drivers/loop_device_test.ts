@@ -7,40 +7,12 @@ import { openDisk } from "../../drivers/mod.ts";
 import type { Disk } from "../../drivers/disk.ts";
 import type { DiskOptions } from "../../drivers/driver.ts";
 import { sharedPool } from "../../io/buffer_pool.ts";
-import { assertBytes, type Rng, rng, tempDir } from "../util.ts";
+import { assertBytes, loopUnavailable, losetup, type Rng, rng, tempDir } from "../util.ts";
 
 const KiB = 1024, MiB = 1024 * KiB;
 const SIZE = 64 * MiB;
 
-function losetup(...args: string[]): { ok: boolean; out: string } {
-  try {
-    const r = new Deno.Command("losetup", { args, stdout: "piped", stderr: "piped" }).outputSync();
-    const out = new TextDecoder().decode(r.stdout).trim() +
-      new TextDecoder().decode(r.stderr).trim();
-    return { ok: r.success, out };
-  } catch (e) {
-    return { ok: false, out: String(e) };
-  }
-}
-
-/** Why loop devices cannot be used here, or null when they can (tried for real). */
-function unavailable(): string | null {
-  if (Deno.uid() !== 0) return "not root";
-  const dir = tempDir("tapd-loop-probe-");
-  try {
-    const file = `${dir}/probe.img`;
-    Deno.writeFileSync(file, new Uint8Array(0));
-    Deno.truncateSync(file, 1 * MiB);
-    const r = losetup("--find", "--show", file);
-    if (!r.ok || !r.out.startsWith("/dev/loop")) return `losetup failed: ${r.out.split("\n")[0]}`;
-    losetup("-d", r.out);
-    return null;
-  } finally {
-    Deno.removeSync(dir, { recursive: true });
-  }
-}
-
-const why = unavailable();
+const why = loopUnavailable();
 
 const VARIANTS: { name: string; type: "aio" | "sync"; options: DiskOptions }[] = [
   { name: "aio (libaio)", type: "aio", options: { engine: "aio" } },

@@ -1,6 +1,7 @@
 /** Helpers for the image-tool tests: running tapd and qemu-img, making raw images, loop devices. */
 import assert from "node:assert/strict";
 import { type Rng, tempDir } from "../util.ts";
+import { losetup } from "../util.ts";
 
 const root = new URL("../../", import.meta.url).pathname;
 export const KiB = 1024, MiB = 1024 * KiB;
@@ -141,33 +142,6 @@ export async function inTempDir<T>(fn: (dir: string) => Promise<T>): Promise<T> 
   }
 }
 
-function losetup(...args: string[]): { ok: boolean; out: string } {
-  try {
-    const r = new Deno.Command("losetup", { args, stdout: "piped", stderr: "piped" }).outputSync();
-    const dec = new TextDecoder();
-    return { ok: r.success, out: dec.decode(r.stdout).trim() + dec.decode(r.stderr).trim() };
-  } catch (e) {
-    return { ok: false, out: String(e) };
-  }
-}
-
-/** Why loop devices cannot be used here (tried for real), or null when they can. */
-export function loopUnavailable(): string | null {
-  if (Deno.uid() !== 0) return "needs root";
-  const dir = tempDir("tapd-loop-probe-");
-  try {
-    const file = `${dir}/probe.img`;
-    Deno.writeFileSync(file, new Uint8Array(0));
-    Deno.truncateSync(file, MiB);
-    const r = losetup("--find", "--show", file);
-    if (!r.ok || !r.out.startsWith("/dev/loop")) return `losetup failed: ${r.out.split("\n")[0]}`;
-    losetup("-d", r.out);
-    return null;
-  } finally {
-    Deno.removeSync(dir, { recursive: true });
-  }
-}
-
 /** Runs `fn` with a loop device over `file`, detached afterwards. */
 export async function withLoopDevice<T>(file: string, fn: (dev: string) => Promise<T>): Promise<T> {
   const r = losetup("--find", "--show", file);
@@ -221,3 +195,5 @@ export async function makeCompressedQcow(
   Deno.removeSync(random);
   return { path, contents };
 }
+
+export { loopUnavailable } from "../util.ts";

@@ -8,6 +8,9 @@ import type { Disk } from "../../../drivers/disk.ts";
 import type { Extent } from "../../../drivers/driver.ts";
 import { sharedPool } from "../../../io/buffer_pool.ts";
 import { assertBytes as slowAssertBytes, type Rng, rng } from "../../util.ts";
+import { readRange } from "../../util.ts";
+
+export { readRange };
 
 export const KiB = 1024, MiB = 1024 * KiB;
 export const SECTOR = 512;
@@ -135,18 +138,6 @@ export function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
   return Buffer.from(a.buffer, a.byteOffset, a.length).equals(
     Buffer.from(b.buffer, b.byteOffset, b.length),
   );
-}
-
-/** Reads `length` bytes at `offset` into fresh memory (through a pool buffer). */
-export async function readRange(disk: Disk, offset: number, length: number): Promise<Uint8Array> {
-  const buf = sharedPool.take(length);
-  try {
-    buf.fill(0xa5);
-    await disk.read(offset, buf);
-    return buf.slice();
-  } finally {
-    sharedPool.give(buf);
-  }
 }
 
 /** The whole disk, read in chunks of `chunk` bytes. */
