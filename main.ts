@@ -2,6 +2,9 @@
 import { type Command, UsageError } from "./cli/command.ts";
 import { DRIVERS } from "./drivers/mod.ts";
 import { benchCommand } from "./tools/bench.ts";
+import { ctlCommand } from "./tools/ctl.ts";
+import { daemonCommand } from "./tools/daemon.ts";
+import { serveCommand } from "./tools/serve.ts";
 import { tapdiskCommand } from "./tools/tapdisk.ts";
 import { img2qcowCommand } from "./tools/img2qcow.ts";
 import { infoCommand } from "./tools/info.ts";
@@ -16,6 +19,9 @@ const COMMANDS: readonly Command[] = [
   img2qcowCommand,
   qcow2rawCommand,
   infoCommand,
+  serveCommand,
+  daemonCommand,
+  ctlCommand,
   tapdiskCommand,
 ];
 

@@ -4,7 +4,7 @@
  * and two eventfds, kick and notify. Each connection is one ring, served by a RingServer until
  * the frontend closes its end.
  */
-import type { Disk } from "../drivers/disk.ts";
+import type { BlockTarget } from "../drivers/target.ts";
 import { EventFd, type FileHandle, memfd } from "../ffi/file.ts";
 import { libc } from "../ffi/libc.ts";
 import { Mapping } from "../ffi/memory.ts";
@@ -22,7 +22,7 @@ export const FLAG_FLUSH = 2;
 export const FLAG_DISCARD = 4;
 
 /** The 64-byte attach message. */
-export function attachMessage(disk: Disk): Uint8Array {
+export function attachMessage(disk: BlockTarget): Uint8Array {
   const msg = new Uint8Array(ATTACH_SIZE);
   const v = new DataView(msg.buffer);
   msg.set(new TextEncoder().encode(ATTACH_MAGIC), 0);
@@ -57,7 +57,7 @@ class LocalRing implements RingTransport {
   }
 
   /** Sends the attach message with the memfd and both eventfds (after the ring is initialised). */
-  attach(disk: Disk, memfdFd: number): void {
+  attach(disk: BlockTarget, memfdFd: number): void {
     sendWithFds(this.#conn, attachMessage(disk), [memfdFd, this.#kick.fd, this.#notify.fd]);
   }
 
@@ -93,13 +93,13 @@ class LocalRing implements RingTransport {
 
 /** Serves a disk to every frontend that connects to `path`. */
 export class LocalRingListener {
-  readonly #disk: Disk;
+  readonly #disk: BlockTarget;
   readonly #listener: UnixListener;
   readonly #rings = new Set<{ ring: LocalRing; server: RingServer }>();
   readonly #running = new Set<Promise<void>>();
   #log: (line: string) => void;
 
-  constructor(disk: Disk, path: string, log: (line: string) => void = () => {}) {
+  constructor(disk: BlockTarget, path: string, log: (line: string) => void = () => {}) {
     this.#disk = disk;
     this.#listener = new UnixListener(path);
     this.#log = log;

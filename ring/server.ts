@@ -1,10 +1,10 @@
 /**
- * Serves one Disk on one blkif ring, whatever carries the ring (the local memfd transport, the
+ * Serves one disk (a BlockTarget) on one blkif ring, whatever carries the ring (the local memfd transport, the
  * blktap device). Requests are copied out, validated, and run concurrently on the disk (segments
  * become views straight into the shared data pages, so O_DIRECT I/O lands in them without a
  * copy); responses are pushed in batches, one notification per batch when the frontend asked.
  */
-import type { Disk } from "../drivers/disk.ts";
+import type { BlockTarget } from "../drivers/target.ts";
 import {
   BackRing,
   BLKIF_LAYOUT,
@@ -43,7 +43,7 @@ export interface RingStats {
 
 export class RingServer {
   readonly stats: RingStats = { requests: 0, errors: 0 };
-  readonly #disk: Disk;
+  readonly #disk: BlockTarget;
   readonly #t: RingTransport;
   readonly #ring: BackRing;
   readonly #dataPages: number;
@@ -52,7 +52,7 @@ export class RingServer {
   #pushScheduled = false;
   #stopping = false;
 
-  constructor(disk: Disk, transport: RingTransport, initialise: boolean) {
+  constructor(disk: BlockTarget, transport: RingTransport, initialise: boolean) {
     this.#disk = disk;
     this.#t = transport;
     this.#ring = new BackRing(transport.ring);

@@ -1,0 +1,19 @@
+/**
+ * BlockTarget: what an export (NBD, the blkif ring, FUSE) serves. A Disk is one; so is a
+ * DiskGate (serve/gate.ts), which adds pause, resume-on-a-new-image and statistics in front.
+ */
+import type { Buffers } from "../io/engine.ts";
+import type { DiskInfo, Extent } from "./driver.ts";
+
+export interface BlockTarget {
+  readonly info: DiskInfo;
+  readonly size: number;
+  /** The spec it was opened from, for messages. */
+  readonly name: string;
+  read(offset: number, bufs: Buffers): Promise<void>;
+  write(offset: number, bufs: Buffers): Promise<void>;
+  flush(): Promise<void>;
+  discard(offset: number, length: number): Promise<void>;
+  writeZeroes(offset: number, length: number, options?: { mayUnmap?: boolean }): Promise<void>;
+  blockStatus(offset: number, length: number): Promise<Extent[]>;
+}

@@ -1,0 +1,141 @@
+/**
+ * DiskGate: the front of a served disk, between its exports and the Disk. It counts requests
+ * per operation (serve/stats.ts), can pause — new requests wait, those in flight finish, the
+ * disk is flushed — and resume, optionally on another image of the same size (the snapshot
+ * flow: pause, make an overlay whose backing file is the old image, resume on the overlay).
+ */
+import type { Disk } from "../drivers/disk.ts";
+import type { DiskInfo, Extent } from "../drivers/driver.ts";
+import { DiskError } from "../drivers/errors.ts";
+import type { BlockTarget } from "../drivers/target.ts";
+import { type Buffers, byteLength } from "../io/engine.ts";
+import { type Op, OPS, OpStats, type OpSummary, summarize } from "./stats.ts";
+
+export interface GateStats {
+  paused: boolean;
+  inFlight: number;
+  ops: Record<Op, OpSummary>;
+}
+
+export class DiskGate implements BlockTarget {
+  #disk: Disk;
+  #inflight = 0;
+  #idle: (() => void) | null = null;
+  /** Resolves when the gate opens again; null while open. */
+  #held: Promise<void> | null = null;
+  #release: (() => void) | null = null;
+  readonly #stats = new Map<Op, OpStats>(OPS.map((op) => [op, new OpStats()]));
+
+  constructor(disk: Disk) {
+    this.#disk = disk;
+  }
+
+  get disk(): Disk {
+    return this.#disk;
+  }
+
+  get info(): DiskInfo {
+    return this.#disk.info;
+  }
+
+  get size(): number {
+    return this.#disk.size;
+  }
+
+  get name(): string {
+    return this.#disk.name;
+  }
+
+  get paused(): boolean {
+    return this.#held !== null;
+  }
+
+  read(offset: number, bufs: Buffers): Promise<void> {
+    return this.#run("read", byteLength(bufs), (d) => d.read(offset, bufs));
+  }
+
+  write(offset: number, bufs: Buffers): Promise<void> {
+    return this.#run("write", byteLength(bufs), (d) => d.write(offset, bufs));
+  }
+
+  flush(): Promise<void> {
+    return this.#run("flush", 0, (d) => d.flush());
+  }
+
+  discard(offset: number, length: number): Promise<void> {
+    return this.#run("discard", length, (d) => d.discard(offset, length));
+  }
+
+  writeZeroes(offset: number, length: number, options: { mayUnmap?: boolean } = {}): Promise<void> {
+    return this.#run("writeZeroes", length, (d) => d.writeZeroes(offset, length, options));
+  }
+
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return this.#run("blockStatus", 0, (d) => d.blockStatus(offset, length));
+  }
+
+  /** Holds new requests, waits for those in flight, flushes. Idempotent. */
+  async pause(): Promise<void> {
+    if (this.#held === null) this.#held = new Promise((resolve) => this.#release = resolve);
+    if (this.#inflight > 0) await new Promise<void>((resolve) => this.#idle = resolve);
+    if (!this.#disk.info.readOnly) await this.#disk.flush();
+  }
+
+  /**
+   * Opens the gate again; with `next`, first switches to that disk (which must have the same
+   * size: clients already connected know the old one) and closes the old one. On error the
+   * gate stays paused on the old disk and `next` is left to the caller.
+   */
+  async resume(next?: Disk): Promise<void> {
+    if (next !== undefined) {
+      if (this.#held === null) throw new DiskError("EINVAL", "resume: the disk is not paused");
+      if (next.size !== this.#disk.size) {
+        throw new DiskError(
+          "EINVAL",
+          `resume: ${next.name} has ${next.size} bytes, but clients know ${this.#disk.size}`,
+        );
+      }
+      const old = this.#disk;
+      this.#disk = next;
+      await old.close();
+    }
+    const release = this.#release;
+    this.#held = this.#release = null;
+    release?.();
+  }
+
+  /** Waits for requests in flight and closes the disk; held requests fail. */
+  async close(): Promise<void> {
+    const disk = this.#disk;
+    const release = this.#release;
+    this.#held = this.#release = null;
+    release?.();
+    await disk.close();
+  }
+
+  stats(): GateStats {
+    const ops = {} as Record<Op, OpSummary>;
+    for (const [op, s] of this.#stats) ops[op] = summarize(s);
+    return { paused: this.paused, inFlight: this.#inflight, ops };
+  }
+
+  async #run<T>(op: Op, bytes: number, call: (disk: Disk) => Promise<T>): Promise<T> {
+    if (this.#held !== null) await this.#held;
+    const stats = this.#stats.get(op)!;
+    const start = performance.now();
+    this.#inflight++;
+    let failed = true;
+    try {
+      const result = await call(this.#disk);
+      failed = false;
+      return result;
+    } finally {
+      stats.record((performance.now() - start) * 1000, bytes, failed);
+      if (--this.#inflight === 0 && this.#idle !== null) {
+        const idle = this.#idle;
+        this.#idle = null;
+        idle();
+      }
+    }
+  }
+}
