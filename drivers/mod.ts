@@ -13,12 +13,35 @@ export const DRIVERS: ReadonlyMap<string, Driver> = new Map(
   [aioDriver, syncDriver, ramDriver, qcowDriver].map((d) => [d.type, d]),
 );
 
-/** The format of an image file from its first bytes: "qcow", or "raw" for anything else. */
-export function probeFormat(path: string): Promise<"qcow" | "raw"> {
+/**
+ * How an image format is recognised: from the file's first PROBE_HEAD bytes (fewer if the file
+ * is shorter) and its last 512 (a fixed VHD has its footer only at the end).
+ */
+export interface FormatProbe {
+  /** The driver type that opens it. */
+  type: string;
+  matches(head: Uint8Array, tail: Uint8Array): boolean;
+}
+
+export const PROBE_HEAD = 1024;
+
+/** Image formats recognised from their bytes, in order; anything else is raw. */
+export const FORMAT_PROBES: readonly FormatProbe[] = [
+  { type: "qcow", matches: (head) => isQcow(head) },
+];
+
+/** The driver type for an image file, from its bytes: a format's type, or "raw". */
+export function probeFormat(path: string): Promise<string> {
   try {
     using file = FileHandle.open(path, O_RDONLY);
-    const head = new Uint8Array(8);
-    return Promise.resolve(file.readAt(head, 0) === 8 && isQcow(head) ? "qcow" : "raw");
+    const st = file.stat();
+    const size = st.isBlockDevice ? file.blockDeviceSize() : st.size;
+    const head = new Uint8Array(Math.min(PROBE_HEAD, size));
+    const got = file.readAt(head, 0);
+    const tail = new Uint8Array(Math.min(512, size));
+    file.readAt(tail, size - tail.length);
+    const probe = FORMAT_PROBES.find((p) => p.matches(head.subarray(0, got), tail));
+    return Promise.resolve(probe?.type ?? "raw");
   } catch (e) {
     return Promise.reject(e);
   }
@@ -46,7 +69,8 @@ function contextFor(options: DiskOptions, chain: readonly string[]): OpenContext
       if (chain.length >= 64) {
         throw new Error(`backing chain deeper than 64 images at ${JSON.stringify(path)}`);
       }
-      const type = await probeFormat(path) === "qcow" ? "qcow" : "aio";
+      const format = await probeFormat(path);
+      const type = format === "raw" ? "aio" : format;
       const backingOptions: DiskOptions = {
         ...options,
         readOnly: true,

@@ -126,6 +126,18 @@ export class FileHandle implements Disposable {
     );
   }
 
+  /** A small synchronous pwrite (image creation, headers); returns the bytes written. */
+  writeAt(buf: Uint8Array, offset: number): number {
+    return Number(
+      check(libc.pwrite(this.fd, buf, BigInt(buf.length), BigInt(offset)), "pwrite", this.path),
+    );
+  }
+
+  /** fsync(2), synchronously (small files at creation time). */
+  syncNow(): void {
+    check(libc.fsync(this.fd), "fsync", this.path);
+  }
+
   truncate(size: number): void {
     check(libc.ftruncate(this.fd, BigInt(size)), "ftruncate", this.path);
   }

@@ -146,6 +146,8 @@ export class Connection {
       if (this.#inflight >= MAX_INFLIGHT || this.#inflightBytes > MAX_INFLIGHT_BYTES) {
         await this.#settle((n, bytes) => n < MAX_INFLIGHT && bytes <= MAX_INFLIGHT_BYTES);
       }
+      // A client that does not read its replies stops being read from, too.
+      if (this.#writer.pendingBytes > MAX_INFLIGHT_BYTES) await this.#writer.drained();
     }
     await this.#settle((n) => n === 0);
     await this.#writer.drained();

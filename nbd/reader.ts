@@ -16,7 +16,7 @@ export class SocketReader {
   #abort!: () => void;
   readonly #aborted = new Promise<null>((resolve) => this.#abort = () => resolve(null));
 
-  constructor(conn: ReadableConn, capacity = 256 * 1024) {
+  constructor(conn: ReadableConn, capacity = 128 * 1024) {
     this.#conn = conn;
     this.#buf = new Uint8Array(capacity);
     this.view = new DataView(this.#buf.buffer);

@@ -40,10 +40,18 @@ export class ReplyWriter {
   #after: (() => void)[] = [];
   #writing = false;
   #broken = false;
+  /** Bytes in #parts, and bytes being written now. */
+  #queued = 0;
+  #inWrite = 0;
   #idle: (() => void) | null = null;
 
   constructor(conn: WritableConn) {
     this.#conn = conn;
+  }
+
+  /** Bytes accepted and not yet written to the socket. */
+  get pendingBytes(): number {
+    return this.#queued + this.#inWrite + this.#fill - this.#mark;
   }
 
   /** False once a write failed (the peer is gone). */
@@ -140,6 +148,7 @@ export class ReplyWriter {
       } else {
         this.#cut();
         this.#parts.push(data);
+        this.#queued += data.length;
       }
     }
     if (after !== undefined) this.#after.push(after);
@@ -177,7 +186,10 @@ export class ReplyWriter {
 
   /** Moves the staged bytes into #parts. */
   #cut(): void {
-    if (this.#fill > this.#mark) this.#parts.push(this.#staging.subarray(this.#mark, this.#fill));
+    if (this.#fill > this.#mark) {
+      this.#parts.push(this.#staging.subarray(this.#mark, this.#fill));
+      this.#queued += this.#fill - this.#mark;
+    }
     this.#mark = this.#fill;
   }
 
@@ -193,11 +205,14 @@ export class ReplyWriter {
       this.#switchStaging();
       const retired = this.#retire;
       this.#retire = [];
+      this.#inWrite = this.#queued;
+      this.#queued = 0;
       try {
         for (const part of parts) await this.#writeAll(part);
       } catch {
         this.#broken = true;
       }
+      this.#inWrite = 0;
       for (const f of after) f();
       for (const b of retired) if (this.#free.length < KEEP_STAGING) this.#free.push(b);
     }
@@ -205,7 +220,7 @@ export class ReplyWriter {
       for (const f of this.#after) f();
       this.#after = [];
       this.#parts = [];
-      this.#fill = this.#mark = 0;
+      this.#fill = this.#mark = this.#queued = 0;
     }
     this.#writing = false;
     const idle = this.#idle;

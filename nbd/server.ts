@@ -7,7 +7,7 @@ import type { BlockTarget } from "../drivers/target.ts";
 import { type Logger, silentLogger } from "../cli/log.ts";
 import { formatNbdAddress, type NbdAddress } from "./address.ts";
 import { Connection } from "./connection.ts";
-import { type ExportDescription, handshake } from "./handshake.ts";
+import { type ExportDescription, handshake, type Negotiated } from "./handshake.ts";
 import { SocketReader } from "./reader.ts";
 import { ReplyWriter } from "./reply_writer.ts";
 
@@ -19,6 +19,13 @@ export interface NbdServerOptions {
   description?: string;
   log?: Logger;
 }
+
+/** Connections at once; more are closed right after accept. */
+export const MAX_CLIENTS = 128;
+/** A client must choose an export within this time. */
+const HANDSHAKE_TIMEOUT_MS = 10_000;
+/** How long close() lets clients finish before cutting them off. */
+const CLOSE_GRACE_MS = 10_000;
 
 interface Client {
   conn: Deno.Conn;
@@ -88,7 +95,11 @@ export class NbdServer {
         if (client.connection === null) closeQuietly(client.conn);
         else client.connection.stop();
       }
+      const cutOff = setTimeout(() => {
+        for (const client of this.#clients) closeQuietly(client.conn);
+      }, CLOSE_GRACE_MS);
       while (this.#running.size > 0) await Promise.all([...this.#running]);
+      clearTimeout(cutOff);
     })();
     return this.#closing;
   }
@@ -116,6 +127,11 @@ export class NbdServer {
         closeQuietly(conn);
         continue;
       }
+      if (this.#clients.size >= MAX_CLIENTS) {
+        this.#log.warn("too many clients: refusing a connection", { limit: MAX_CLIENTS });
+        closeQuietly(conn);
+        continue;
+      }
       if (address.transport === "tcp") (conn as Deno.TcpConn).setNoDelay(true);
       this.#track(this.#serve(conn, address));
     }
@@ -139,7 +155,16 @@ export class NbdServer {
         minimumBlock: this.target.info.logicalSectorSize,
         readOnly: this.#readOnly,
       };
-      const nego = await handshake(reader, conn, description, () => this.#closing !== null);
+      const timer = setTimeout(() => {
+        log.debug("handshake timed out", { peer });
+        closeQuietly(conn);
+      }, HANDSHAKE_TIMEOUT_MS);
+      let nego: Negotiated | null;
+      try {
+        nego = await handshake(reader, conn, description, () => this.#closing !== null);
+      } finally {
+        clearTimeout(timer);
+      }
       if (nego === null) {
         log.debug("handshake ended without an export", { peer });
         return;

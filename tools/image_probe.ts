@@ -2,13 +2,15 @@
  * What an image file is, without opening it as a disk: its format (qcow by magic, else raw), its
  * virtual size, its qcow header, and the backing chain named in the headers.
  */
+import { openDisk, probeFormat } from "../drivers/mod.ts";
 import { parseHeader, QCOW_MAGIC, type QcowHeader } from "../drivers/qcow/header.ts";
 import { FileHandle } from "../ffi/file.ts";
 import { O_RDONLY } from "../ffi/constants.ts";
 import type { IoEngine } from "../io/engine.ts";
 import { createEngine } from "../io/mod.ts";
 
-export type ImageFormat = "qcow" | "raw";
+/** "qcow", "raw", or another driver's type (vmdk, vhd) as probeFormat names it. */
+export type ImageFormat = string;
 
 export interface ImageProbe {
   path: string;
@@ -61,7 +63,20 @@ export async function probeImage(path: string): Promise<ImageProbe> {
       header: null,
       backing: null,
     };
-    if (magic !== QCOW_MAGIC) return probe;
+    if (magic !== QCOW_MAGIC) {
+      const format = await probeFormat(path);
+      if (format === "raw") return probe;
+      // Another format: its driver reads the headers (and checks them).
+      const disk = await openDisk(`${format}:${path}`, { readOnly: true, direct: "auto" });
+      try {
+        probe.format = format;
+        probe.virtualSize = disk.size;
+        probe.backing = disk.info.backing;
+      } finally {
+        await disk.close();
+      }
+      return probe;
+    }
     const header = parseHeader(head, fileSize, path); // throws for qcow2 and broken headers
     probe.format = "qcow";
     probe.virtualSize = Math.floor(header.size / 512) * 512;

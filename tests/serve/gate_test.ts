@@ -1,0 +1,119 @@
+/** DiskGate: pause holds requests and drains those in flight; resume may switch images. */
+import assert from "node:assert/strict";
+import { openDisk } from "../../drivers/mod.ts";
+import { DiskError } from "../../drivers/errors.ts";
+import { sharedPool } from "../../io/buffer_pool.ts";
+import { DiskGate } from "../../serve/gate.ts";
+import { OpStats } from "../../serve/stats.ts";
+import { assertBytes, withTempDir } from "../util.ts";
+
+const MiB = 1024 * 1024;
+
+function filled(size: number, value: number): Uint8Array {
+  const buf = sharedPool.take(size).subarray(0, size);
+  buf.fill(value);
+  return buf;
+}
+
+Deno.test("gate: a request issued while paused waits for resume, then lands", async () => {
+  await withTempDir(async (dir) => {
+    Deno.writeFileSync(`${dir}/a.img`, new Uint8Array(MiB));
+    const gate = new DiskGate(await openDisk(`aio:${dir}/a.img`));
+    try {
+      await gate.write(0, filled(4096, 1));
+      await gate.pause();
+      assert.equal(gate.stats().paused, true);
+      let landed = false;
+      const held = gate.write(4096, filled(4096, 2)).then(() => landed = true);
+      await new Promise((r) => setTimeout(r, 50));
+      assert.equal(landed, false, "a write completed while paused");
+      await gate.resume();
+      await held;
+      const back = sharedPool.take(8192);
+      await gate.read(0, back);
+      assertBytes(back.subarray(0, 4096), new Uint8Array(4096).fill(1));
+      assertBytes(back.subarray(4096, 8192), new Uint8Array(4096).fill(2));
+    } finally {
+      await gate.close();
+    }
+  });
+});
+
+Deno.test("gate: pause waits for requests in flight", async () => {
+  await withTempDir(async (dir) => {
+    Deno.writeFileSync(`${dir}/a.img`, new Uint8Array(4 * MiB));
+    const gate = new DiskGate(await openDisk(`aio:${dir}/a.img`));
+    try {
+      let done = 0;
+      const writes = Array.from(
+        { length: 32 },
+        (_, i) => gate.write(i * 65536, filled(65536, i)).then(() => done++),
+      );
+      await gate.pause();
+      assert.equal(done, 32, "pause returned before the writes in flight finished");
+      assert.equal(gate.stats().inFlight, 0);
+      await gate.resume();
+      await Promise.all(writes);
+    } finally {
+      await gate.close();
+    }
+  });
+});
+
+Deno.test("gate: resume on another image switches every later request to it", async () => {
+  await withTempDir(async (dir) => {
+    Deno.writeFileSync(`${dir}/a.img`, new Uint8Array(MiB).fill(0xaa));
+    Deno.writeFileSync(`${dir}/b.img`, new Uint8Array(MiB).fill(0xbb));
+    Deno.writeFileSync(`${dir}/small.img`, new Uint8Array(4096));
+    const gate = new DiskGate(await openDisk(`aio:${dir}/a.img`));
+    try {
+      const early = await openDisk(`aio:${dir}/b.img`);
+      await assert.rejects(gate.resume(early), DiskError);
+      await early.close();
+      await gate.pause();
+      const small = await openDisk(`aio:${dir}/small.img`);
+      await assert.rejects(gate.resume(small), /clients know/);
+      await small.close();
+      assert.equal(gate.paused, true, "a failed resume must leave the gate paused");
+      await gate.resume(await openDisk(`aio:${dir}/b.img`));
+      const back = sharedPool.take(4096);
+      await gate.read(0, back);
+      assertBytes(back, new Uint8Array(4096).fill(0xbb));
+    } finally {
+      await gate.close();
+    }
+  });
+});
+
+Deno.test("gate: stats count requests, bytes and errors per operation", async () => {
+  await withTempDir(async (dir) => {
+    Deno.writeFileSync(`${dir}/a.img`, new Uint8Array(MiB));
+    const gate = new DiskGate(await openDisk(`aio:${dir}/a.img`));
+    try {
+      for (let i = 0; i < 10; i++) await gate.write(i * 4096, filled(4096, i));
+      await gate.read(0, sharedPool.take(8192));
+      await assert.rejects(gate.read(MiB, sharedPool.take(4096)));
+      await gate.flush();
+      const s = gate.stats();
+      assert.equal(s.ops.write.requests, 10);
+      assert.equal(s.ops.write.bytes, 40960);
+      assert.equal(s.ops.read.requests, 2);
+      assert.equal(s.ops.read.errors, 1);
+      assert.equal(s.ops.read.bytes, 8192);
+      assert.equal(s.ops.flush.requests, 1);
+      assert.ok(s.ops.write.p99Micros >= s.ops.write.p50Micros);
+    } finally {
+      await gate.close();
+    }
+  });
+});
+
+Deno.test("stats: percentiles come from the histogram within 12.5%", () => {
+  const s = new OpStats();
+  for (let us = 1; us <= 10000; us++) s.record(us, 1, false);
+  for (const [q, exact] of [[0.5, 5000], [0.99, 9900]]) {
+    const got = s.percentile(q);
+    assert.ok(got <= exact && got >= exact * 0.875, `p${q * 100}: ${got} vs ${exact}`);
+  }
+  assert.equal(new OpStats().percentile(0.5), 0);
+});

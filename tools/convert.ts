@@ -1,0 +1,169 @@
+/**
+ * `tapd convert`: any supported image format to any other, like `qemu-img convert`. Sparse-aware:
+ * the source's holes are never read, all-zero stretches of its data are not written (so they
+ * stay holes in raw and unallocated in image formats), and many requests are in flight at once.
+ * The destination is built under a temporary name and renamed into place when complete.
+ */
+import { parseCommandLine, parseSize } from "../cli/args.ts";
+import { type Command, UsageError } from "../cli/command.ts";
+import type { Disk } from "../drivers/disk.ts";
+import type { CreateOptions } from "../drivers/image_format.ts";
+import { openDisk } from "../drivers/mod.ts";
+import { sharedPool } from "../io/buffer_pool.ts";
+import {
+  driverType,
+  formatNamed,
+  IMAGE_FORMATS,
+  imageFormat,
+  parseCreateOptions,
+} from "./formats.ts";
+import { checkDestination, PartialFile, sameFile } from "./output.ts";
+import { Progress } from "./progress.ts";
+
+/** Bytes per copy request. */
+const CHUNK = 1024 * 1024;
+/** Copy requests in flight. */
+const IN_FLIGHT = 16;
+/** Zero detection granularity inside data: all-zero pieces this big are not written. */
+const ZERO_GRAIN = 64 * 1024;
+/** Source map window per blockStatus call. */
+const MAP_WINDOW = 256 * 1024 * 1024;
+
+/** Whether `buf` is all zeros (eight bytes at a time). */
+export function isZero(buf: Uint8Array): boolean {
+  if (buf.byteOffset % 8 === 0 && buf.length % 8 === 0) {
+    const words = new BigUint64Array(buf.buffer, buf.byteOffset, buf.length / 8);
+    for (let i = 0; i < words.length; i++) if (words[i] !== 0n) return false;
+    return true;
+  }
+  for (let i = 0; i < buf.length; i++) if (buf[i] !== 0) return false;
+  return true;
+}
+
+/** Ranges of the source that may hold non-zero data, in order, cut into CHUNK pieces. */
+async function* dataChunks(src: Disk): AsyncGenerator<{ offset: number; length: number }> {
+  for (let window = 0; window < src.size; window += MAP_WINDOW) {
+    const end = Math.min(window + MAP_WINDOW, src.size);
+    for (let pos = window; pos < end;) {
+      const extents = await src.blockStatus(pos, end - pos);
+      for (const e of extents) {
+        if (e.zero) continue;
+        for (let off = e.offset; off < e.offset + e.length; off += CHUNK) {
+          yield { offset: off, length: Math.min(CHUNK, e.offset + e.length - off) };
+        }
+      }
+      const last = extents[extents.length - 1];
+      pos = last.offset + last.length;
+    }
+  }
+}
+
+/** Copies every non-zero byte of `src` into `dest` (which reads as zeros to begin with). */
+export async function copyData(
+  src: Disk,
+  dest: Disk,
+  onProgress: (done: number) => void = () => {},
+): Promise<void> {
+  const chunks = dataChunks(src);
+  let done = 0;
+  const worker = async () => {
+    const buf = sharedPool.take(CHUNK);
+    try {
+      for (;;) {
+        const next = await chunks.next();
+        if (next.done) return;
+        const { offset, length } = next.value;
+        const data = buf.subarray(0, length);
+        await src.read(offset, data);
+        // Write the non-zero runs only, in ZERO_GRAIN pieces.
+        let runStart = -1;
+        const writes: Promise<void>[] = [];
+        for (let at = 0; at <= length; at += ZERO_GRAIN) {
+          const piece = data.subarray(at, Math.min(at + ZERO_GRAIN, length));
+          const zero = at === length || isZero(piece);
+          if (!zero && runStart < 0) runStart = at;
+          if (zero && runStart >= 0) {
+            writes.push(dest.write(offset + runStart, data.subarray(runStart, at)));
+            runStart = -1;
+          }
+        }
+        if (runStart >= 0) writes.push(dest.write(offset + runStart, data.subarray(runStart)));
+        await Promise.all(writes);
+        done = Math.max(done, offset + length);
+        onProgress(done);
+      }
+    } finally {
+      sharedPool.give(buf);
+    }
+  };
+  // Several workers share one generator: each next() hands out the following chunk.
+  await Promise.all(Array.from({ length: IN_FLIGHT }, worker));
+}
+
+export const convertCommand: Command = {
+  name: "convert",
+  summary: "convert an image between raw, qcow, vmdk and vhd (like qemu-img convert)",
+  usage: `Usage: tapd convert [-f FMT] -O FMT [-o OPTIONS] [-p] [-q] [--force] SRC DEST
+
+Copies the image SRC (format probed, or given with -f) into a new image DEST of format -O
+(${[...IMAGE_FORMATS.keys()].join(", ")}; vpc is vhd). OPTIONS are as for tapd create
+(subformat=…, cluster_size=…, …). Only data is copied: holes in SRC and all-zero stretches of
+64 KiB are left unallocated in DEST (holes in a raw DEST). A backing chain of SRC is read
+through, so DEST is standalone.
+
+-p draws a progress bar on a terminal; -q prints nothing. DEST is written under a temporary
+name and renamed when complete; an existing DEST is refused unless --force.`,
+
+  async run(args: string[]): Promise<number> {
+    const { values, positionals } = parseCommandLine("convert", args, {
+      f: { type: "string", short: "f" },
+      O: { type: "string", short: "O" },
+      o: { type: "string", short: "o", multiple: true },
+      p: { type: "boolean", short: "p", default: false },
+      q: { type: "boolean", short: "q", default: false },
+      force: { type: "boolean", default: false },
+    });
+    if (values.O === undefined) throw new UsageError("convert: -O FMT is required");
+    if (positionals.length !== 2) throw new UsageError("convert: expected SRC and DEST");
+    const [srcPath, destPath] = positionals;
+    const format = formatNamed(values.O, "-O");
+    const options = parseCreateOptions(values.o ?? [], parseSize);
+    if (sameFile(srcPath, destPath)) {
+      throw new UsageError(`convert: SRC and DEST are the same file ("${destPath}")`);
+    }
+    const srcFormat = await imageFormat(srcPath, values.f);
+    const src = await openDisk(`${driverType(srcFormat)}:${srcPath}`, {
+      readOnly: true,
+      direct: "auto",
+    });
+    try {
+      checkDestination(destPath, { force: values.force, flag: "--force", allowDevice: false });
+      const create: CreateOptions = { size: src.size, ...options };
+      const partial = PartialFile.create(destPath);
+      try {
+        // The format creates its own file: give it the reserved temporary name.
+        Deno.removeSync(partial.path);
+        await format.create(partial.path, create);
+        const dest = await openDisk(`${driverType(format.type)}:${partial.path}`, {
+          direct: "auto",
+        });
+        const progress = new Progress("convert", src.size, values.q || !values.p);
+        let ok = false;
+        try {
+          await copyData(src, dest, (done) => progress.update(done));
+          await dest.flush();
+          ok = true;
+        } finally {
+          progress.finish(ok);
+          await dest.close();
+        }
+        partial.commit(values.force, "--force");
+      } finally {
+        partial.abort();
+      }
+    } finally {
+      await src.close();
+    }
+    return 0;
+  },
+};
