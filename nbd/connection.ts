@@ -366,9 +366,8 @@ export class Connection {
 
   /**
    * A structured read that asks the disk where its holes are, reads only the data, and sends
-   * holes as OFFSET_HOLE chunks. The buffer is released by the caller after the last chunk is
-   * queued, so every data chunk must be copied or written before then: chunks are queued with
-   * a pending counter instead.
+   * holes as OFFSET_HOLE chunks. Resolves only once every data chunk has left `data` (copied
+   * into the staging buffer or written to the socket): the caller then releases the buffer.
    */
   async #sparseRead(cookie: Cookie, offset: number, data: Uint8Array): Promise<void> {
     const end = offset + data.length;
@@ -400,7 +399,9 @@ export class Connection {
       else runs.push({ offset: e.offset, length: e.length, zero: e.zero });
     }
     await new Promise<void>((resolve) => {
-      let pending = 0;
+      // One count for queueing itself: a small chunk is copied (and `written` called) at once,
+      // which must not release the buffer while later chunks still point into it.
+      let pending = 1;
       const written = () => {
         if (--pending === 0) resolve();
       };
@@ -425,7 +426,7 @@ export class Connection {
           );
         }
       });
-      if (pending === 0) resolve();
+      written();
     });
   }
 
@@ -434,8 +435,12 @@ export class Connection {
       return this.#fail(cookie, NBD_ERR.EINVAL, "base:allocation was not negotiated");
     }
     const size = this.#target.size, sector = this.#target.info.logicalSectorSize;
-    if (length === 0 || offset % sector !== 0 || offset >= size) {
-      return this.#fail(cookie, NBD_ERR.EINVAL, `block status at ${offset} is out of range`);
+    if (length === 0 || offset % sector !== 0 || offset + length > size) {
+      return this.#fail(
+        cookie,
+        NBD_ERR.EINVAL,
+        `block status of ${length} bytes at ${offset} is misaligned or past the end (${size})`,
+      );
     }
     const reqOne = (flags & CMD_FLAG.REQ_ONE) !== 0;
     const span = Math.min(Math.ceil(length / sector) * sector, size - offset, MAX_EXTENT);

@@ -8,6 +8,7 @@ import { FileHandle } from "../ffi/file.ts";
 import type { CheckReport, CreateOptions, ImageFormat } from "../drivers/image_format.ts";
 import { probeFormat } from "../drivers/mod.ts";
 import { qcowFormat } from "../drivers/qcow/format.ts";
+import { vhdFormat } from "../drivers/vhd/format.ts";
 
 /** A raw image: a sparse file of the virtual size; nothing to check. */
 export const rawFormat: ImageFormat = {
@@ -30,7 +31,7 @@ export const rawFormat: ImageFormat = {
 };
 
 export const IMAGE_FORMATS: ReadonlyMap<string, ImageFormat> = new Map(
-  [rawFormat, qcowFormat].map((f) => [f.type, f]),
+  [rawFormat, qcowFormat, vhdFormat].map((f) => [f.type, f]),
 );
 
 const ALIASES: Readonly<Record<string, string>> = { vpc: "vhd" };
