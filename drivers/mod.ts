@@ -8,9 +8,12 @@ import { qcowDriver } from "./qcow/qcow.ts";
 import { ramDriver } from "./ram.ts";
 import { aioDriver, syncDriver } from "./raw.ts";
 import { type DiskSpec, parseSpec } from "./spec.ts";
+import { isVhd, vhdDriver } from "./vhd/format.ts";
+import { isVmdk } from "./vmdk/image.ts";
+import { vmdkDriver } from "./vmdk/vmdk.ts";
 
 export const DRIVERS: ReadonlyMap<string, Driver> = new Map(
-  [aioDriver, syncDriver, ramDriver, qcowDriver].map((d) => [d.type, d]),
+  [aioDriver, syncDriver, ramDriver, qcowDriver, vmdkDriver, vhdDriver].map((d) => [d.type, d]),
 );
 
 /**
@@ -28,6 +31,8 @@ export const PROBE_HEAD = 1024;
 /** Image formats recognised from their bytes, in order; anything else is raw. */
 export const FORMAT_PROBES: readonly FormatProbe[] = [
   { type: "qcow", matches: (head) => isQcow(head) },
+  { type: "vmdk", matches: (head) => isVmdk(head) },
+  { type: "vhd", matches: (head, tail) => isVhd(head, tail) },
 ];
 
 /** The driver type for an image file, from its bytes: a format's type, or "raw". */

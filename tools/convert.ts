@@ -9,6 +9,7 @@ import { type Command, UsageError } from "../cli/command.ts";
 import type { Disk } from "../drivers/disk.ts";
 import type { CreateOptions } from "../drivers/image_format.ts";
 import { openDisk } from "../drivers/mod.ts";
+import { writeStreamOptimized } from "../drivers/vmdk/stream.ts";
 import { sharedPool } from "../io/buffer_pool.ts";
 import {
   driverType,
@@ -100,6 +101,45 @@ export async function copyData(
   await Promise.all(Array.from({ length: IN_FLIGHT }, worker));
 }
 
+/** Opens the new image at `path` and copies `src` into it. */
+async function copyInto(src: Disk, path: string, type: string, progress: Progress): Promise<void> {
+  const dest = await openDisk(`${driverType(type)}:${path}`, { direct: "auto" });
+  try {
+    await copyData(src, dest, (done) => progress.update(done));
+    await dest.flush();
+  } finally {
+    await dest.close();
+  }
+}
+
+/**
+ * Runs `build`, which creates `dest` (and maybe files beside it) in place; on failure removes
+ * every file it created in that directory.
+ */
+async function buildInPlace(dest: string, force: boolean, build: () => Promise<void>) {
+  const slash = dest.lastIndexOf("/");
+  const dir = slash < 0 ? "." : dest.slice(0, slash) || "/";
+  const before = new Set([...Deno.readDirSync(dir)].map((e) => e.name));
+  if (force) {
+    try {
+      Deno.removeSync(dest);
+      before.delete(dest.slice(slash + 1));
+    } catch { /* not there */ }
+  }
+  try {
+    await build();
+  } catch (e) {
+    for (const entry of Deno.readDirSync(dir)) {
+      if (!before.has(entry.name)) {
+        try {
+          Deno.removeSync(`${dir}/${entry.name}`);
+        } catch { /* gone */ }
+      }
+    }
+    throw e;
+  }
+}
+
 export const convertCommand: Command = {
   name: "convert",
   summary: "convert an image between raw, qcow, vmdk and vhd (like qemu-img convert)",
@@ -139,26 +179,41 @@ name and renamed when complete; an existing DEST is refused unless --force.`,
     try {
       checkDestination(destPath, { force: values.force, flag: "--force", allowDevice: false });
       const create: CreateOptions = { size: src.size, ...options };
+      const progress = new Progress("convert", src.size, values.q || !values.p);
+      if (format.type === "vmdk" && create.subformat !== "streamOptimized") {
+        // A VMDK descriptor names its extent files after the image: build it in place.
+        let built = false;
+        try {
+          await buildInPlace(destPath, values.force, async () => {
+            await format.create(destPath, create);
+            await copyInto(src, destPath, format.type, progress);
+          });
+          built = true;
+        } finally {
+          progress.finish(built);
+        }
+        return 0;
+      }
       const partial = PartialFile.create(destPath);
+      let ok = false;
       try {
         // The format creates its own file: give it the reserved temporary name.
         Deno.removeSync(partial.path);
-        await format.create(partial.path, create);
-        const dest = await openDisk(`${driverType(format.type)}:${partial.path}`, {
-          direct: "auto",
-        });
-        const progress = new Progress("convert", src.size, values.q || !values.p);
-        let ok = false;
-        try {
-          await copyData(src, dest, (done) => progress.update(done));
-          await dest.flush();
-          ok = true;
-        } finally {
-          progress.finish(ok);
-          await dest.close();
+        if (format.type === "vmdk") {
+          // A stream is written in one sequential pass, compressed, never as a disk.
+          await writeStreamOptimized(partial.path, src, {
+            fileName: destPath.slice(destPath.lastIndexOf("/") + 1),
+            adapterType: create.extra?.adapter_type,
+            onProgress: (done) => progress.update(done),
+          });
+        } else {
+          await format.create(partial.path, create);
+          await copyInto(src, partial.path, format.type, progress);
         }
+        ok = true;
         partial.commit(values.force, "--force");
       } finally {
+        progress.finish(ok);
         partial.abort();
       }
     } finally {

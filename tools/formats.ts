@@ -9,6 +9,7 @@ import type { CheckReport, CreateOptions, ImageFormat } from "../drivers/image_f
 import { probeFormat } from "../drivers/mod.ts";
 import { qcowFormat } from "../drivers/qcow/format.ts";
 import { vhdFormat } from "../drivers/vhd/format.ts";
+import { vmdkFormat } from "../drivers/vmdk/format.ts";
 
 /** A raw image: a sparse file of the virtual size; nothing to check. */
 export const rawFormat: ImageFormat = {
@@ -31,7 +32,7 @@ export const rawFormat: ImageFormat = {
 };
 
 export const IMAGE_FORMATS: ReadonlyMap<string, ImageFormat> = new Map(
-  [rawFormat, qcowFormat, vhdFormat].map((f) => [f.type, f]),
+  [rawFormat, qcowFormat, vmdkFormat, vhdFormat].map((f) => [f.type, f]),
 );
 
 const ALIASES: Readonly<Record<string, string>> = { vpc: "vhd" };

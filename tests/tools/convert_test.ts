@@ -131,3 +131,28 @@ Deno.test("check: clean 0, a cluster used twice 2, leaked clusters 3, raw 63", a
     assert.equal(qemu.code, 0, "the corrupted test image should still open in qemu-img");
   });
 });
+
+Deno.test("convert: raw → every vmdk subformat and vhd kind, and back through qcow; all check clean", async () => {
+  await withTempDir(async (dir) => {
+    const data = sparseRaw(`${dir}/a.raw`, 8 * MiB, 5);
+    const cases: [string, string, string][] = [
+      ["vmdk", "monolithicSparse", "vmdk"],
+      ["vmdk", "streamOptimized", "vmdk"],
+      ["vmdk", "twoGbMaxExtentSparse", "vmdk"],
+      ["vmdk", "monolithicFlat", "vmdk"],
+      ["vhd", "dynamic", "vpc"],
+      ["vhd", "fixed", "vpc"],
+    ];
+    for (const [format, subformat, qemuName] of cases) {
+      const out = `${dir}/${subformat}.${format}`;
+      await tapdOk("convert", "-O", format, "-o", `subformat=${subformat}`, `${dir}/a.raw`, out);
+      await qemuImgOk("compare", "-f", "raw", "-F", qemuName, `${dir}/a.raw`, out);
+      assert.equal((await tapd("check", out)).code, 0, `check ${out}`);
+      await tapdOk("convert", "-O", "qcow", out, `${dir}/${subformat}.qcow`);
+      await tapdOk("convert", "-O", "raw", `${dir}/${subformat}.qcow`, `${dir}/${subformat}.raw`);
+      assertBytes(Deno.readFileSync(`${dir}/${subformat}.raw`), data, `${subformat} round trip`);
+    }
+    // No temporary files are left behind.
+    assert.ok([...Deno.readDirSync(dir)].every((e) => !e.name.includes(".partial-")));
+  });
+});
