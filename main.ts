@@ -2,6 +2,9 @@
 import { type Command, UsageError } from "./cli/command.ts";
 import { DRIVERS } from "./drivers/mod.ts";
 import { benchCommand } from "./tools/bench.ts";
+import { checkCommand } from "./tools/check.ts";
+import { convertCommand } from "./tools/convert.ts";
+import { createCommand } from "./tools/create.ts";
 import { ctlCommand } from "./tools/ctl.ts";
 import { daemonCommand } from "./tools/daemon.ts";
 import { serveCommand } from "./tools/serve.ts";
@@ -19,6 +22,9 @@ const COMMANDS: readonly Command[] = [
   img2qcowCommand,
   qcow2rawCommand,
   infoCommand,
+  createCommand,
+  convertCommand,
+  checkCommand,
   serveCommand,
   daemonCommand,
   ctlCommand,

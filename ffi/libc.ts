@@ -162,6 +162,31 @@ const symbols = {
     nonblocking: true,
   },
   shutdown: { parameters: ["i32", "i32"], result: "i32" }, // int sockfd, int how
+  getsockopt: {
+    parameters: [
+      "i32", // int sockfd
+      "i32", // int level
+      "i32", // int optname
+      "buffer", // void *optval
+      "buffer", // socklen_t *optlen
+    ],
+    result: "i32",
+  },
+  send: {
+    parameters: [
+      "i32", // int sockfd
+      "buffer", // const void *buf
+      "usize", // size_t len
+      "i32", // int flags
+    ],
+    result: "isize",
+  },
+  send_nb: {
+    name: "send",
+    parameters: ["i32", "buffer", "usize", "i32"],
+    result: "isize",
+    nonblocking: true,
+  },
   sendmsg: {
     parameters: [
       "i32", // int sockfd
@@ -234,6 +259,46 @@ const symbols = {
     result: "i32",
   },
   shm_unlink: { parameters: ["buffer"], result: "i32" },
+
+  // The FUSE export (fuse/): mounting, unmounting, waiting on /dev/fuse, PR_SET_IO_FLUSHER.
+  mount: {
+    parameters: [
+      "buffer", // const char *source
+      "buffer", // const char *target
+      "buffer", // const char *filesystemtype
+      "u64", // unsigned long mountflags
+      "buffer", // const void *data
+    ],
+    result: "i32",
+  },
+  umount2: {
+    parameters: [
+      "buffer", // const char *target
+      "i32", // int flags
+    ],
+    result: "i32",
+  },
+  umount2_nb: { name: "umount2", parameters: ["buffer", "i32"], result: "i32", nonblocking: true },
+  poll_nb: {
+    name: "poll",
+    parameters: [
+      "buffer", // struct pollfd *fds
+      "u64", // nfds_t nfds
+      "i32", // int timeout (ms)
+    ],
+    result: "i32",
+    nonblocking: true,
+  },
+  prctl: {
+    parameters: [
+      "i32", // int option
+      "u64", // unsigned long arg2
+      "u64", // unsigned long arg3
+      "u64", // unsigned long arg4
+      "u64", // unsigned long arg5
+    ],
+    result: "i32",
+  },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 /** The C library's symbols, loaded once for the process. */

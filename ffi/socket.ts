@@ -4,7 +4,7 @@
  * name @0, namelen @8, iov @16, iovlen @24, control @32, controllen @40, flags @48;
  * cmsghdr: len u64 @0, level i32 @8, type i32 @12, data @16.
  */
-import { check, SysError } from "./errno.ts";
+import { check, pooled, SysError } from "./errno.ts";
 import { FileHandle } from "./file.ts";
 import { cString, libc } from "./libc.ts";
 import { AlignedMemory } from "./memory.ts";
@@ -14,6 +14,8 @@ const SOCK_STREAM = 1;
 const SOCK_CLOEXEC = 0o2000000;
 const SOL_SOCKET = 1;
 const SCM_RIGHTS = 1;
+const SO_PEERCRED = 17;
+const MSG_DONTWAIT = 0x40;
 const MSG_NOSIGNAL = 0x4000;
 const MSG_CMSG_CLOEXEC = 0x40000000;
 const SHUT_RDWR = 2;
@@ -35,12 +37,16 @@ function unixSocket(what: string): FileHandle {
   );
 }
 
-/** A listening Unix socket at `path` (an old socket file there is replaced). */
+/**
+ * A listening Unix socket at `path` (an old socket file there is replaced). With `mode`, the
+ * socket file is created with exactly that mode (the umask is narrowed around bind(), so it is
+ * never wider, then the mode is set explicitly).
+ */
 export class UnixListener implements Disposable {
   readonly handle: FileHandle;
   readonly path: string;
 
-  constructor(path: string) {
+  constructor(path: string, options: { mode?: number } = {}) {
     try {
       if (Deno.lstatSync(path).isSocket) Deno.removeSync(path);
     } catch { /* not there */ }
@@ -48,7 +54,17 @@ export class UnixListener implements Disposable {
     this.handle = unixSocket(path);
     try {
       const addr = sockaddr(path);
-      check(libc.bind(this.handle.fd, addr, addr.length), "bind", path);
+      if (options.mode === undefined) {
+        check(libc.bind(this.handle.fd, addr, addr.length), "bind", path);
+      } else {
+        const old = Deno.umask(0o777 & ~options.mode);
+        try {
+          check(libc.bind(this.handle.fd, addr, addr.length), "bind", path);
+        } finally {
+          Deno.umask(old);
+        }
+        Deno.chmodSync(path, options.mode);
+      }
       check(libc.listen(this.handle.fd, 64), "listen", path);
     } catch (e) {
       this.handle.close();
@@ -73,6 +89,47 @@ export class UnixListener implements Disposable {
       Deno.removeSync(this.path);
     } catch { /* already gone */ }
   }
+}
+
+/** Who is at the other end of a connected Unix socket (SO_PEERCRED, taken at connect time). */
+export function peerCredentials(sock: FileHandle): { pid: number; uid: number; gid: number } {
+  const ucred = new Uint8Array(12); // struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+  const len = new Uint32Array([ucred.length]);
+  check(
+    libc.getsockopt(sock.fd, SOL_SOCKET, SO_PEERCRED, ucred, new Uint8Array(len.buffer)),
+    "getsockopt(SO_PEERCRED)",
+    sock.path,
+  );
+  const v = new DataView(ucred.buffer);
+  return { pid: v.getInt32(0, true), uid: v.getUint32(4, true), gid: v.getUint32(8, true) };
+}
+
+/**
+ * Reads what has arrived on a stream socket, waiting on the thread pool; 0 at end of stream,
+ * after shutdown(), or when the connection failed (a read error cannot be told apart here).
+ */
+export async function receiveSome(sock: FileHandle, buf: Uint8Array<ArrayBuffer>): Promise<number> {
+  const n = Number(await libc.read_nb(sock.fd, buf, BigInt(buf.length)));
+  return n < 0 ? 0 : n;
+}
+
+/** Sends all of `data` on a stream socket (no SIGPIPE: a closed peer is an EPIPE SysError). */
+export async function sendAll(sock: FileHandle, data: Uint8Array<ArrayBuffer>): Promise<void> {
+  for (let done = 0; done < data.length;) {
+    const rest = data.subarray(done);
+    const n = await pooled(
+      "send",
+      sock.path,
+      () => libc.send_nb(sock.fd, rest, BigInt(rest.length), MSG_NOSIGNAL),
+      () => libc.send(sock.fd, rest, BigInt(rest.length), MSG_NOSIGNAL | MSG_DONTWAIT),
+    );
+    done += Number(n);
+  }
+}
+
+/** Ends the receiving side of a connection: a pending or later receiveSome() returns 0. */
+export function shutdownRead(sock: FileHandle): void {
+  if (!sock.closed) libc.shutdown(sock.fd, 0 /* SHUT_RD */);
 }
 
 /** Connects to a Unix socket. */

@@ -73,4 +73,5 @@ TAPD_PERMISSIONS=(--allow-all)
 TAPD_RUNTIME_PACKAGES=(libaio.so.1:libaio1 liburing.so.2:liburing2)
 # Peers and tools the tests drive.
 TAPD_TEST_PACKAGES=(qemu-img:qemu-utils nbdinfo:libnbd-bin fio:fio gcc:gcc losetup:mount
-  /usr/include/xen/io/ring.h:libxen-dev)
+  /usr/include/xen/io/ring.h:libxen-dev nbdkit:nbdkit
+  mkfs.ext4:e2fsprogs bonnie++:bonnie++ qemu-storage-daemon:qemu-system-common)

@@ -1,0 +1,263 @@
+/**
+ * The daemon's disk table, as blktapctrl kept one: disk ids (small integers from 0, the lowest
+ * free one first), each disk served by its own tapdisk child. A child that dies leaves its disk
+ * in the table as failed, with the reason, until it is detached; the other disks are not
+ * touched.
+ */
+import type { Logger } from "../cli/log.ts";
+import { TapdiskChild } from "./children.ts";
+import {
+  type ControlReply,
+  type ControlRequest,
+  type DiskRecord,
+  type DiskStats,
+  errorReply,
+  RequestError,
+} from "./control_protocol.ts";
+import { checkNbd, checkRing, checkSpec } from "./validate.ts";
+
+/** How long a tapdisk may take to drain and close before it is killed. */
+export const STOP_TIMEOUT_MS = 30_000;
+
+export interface AttachRequest {
+  spec: string;
+  nbd: string[];
+  ring: string | null;
+  readOnly: boolean;
+}
+
+interface Entry {
+  record: DiskRecord;
+  child: TapdiskChild;
+  /** Socket files the child creates (removed if it dies without removing them). */
+  sockets: string[];
+}
+
+/** Resolves true when `p` settles within `ms`, false otherwise. */
+async function within(p: Promise<unknown>, ms: number): Promise<boolean> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<false>((resolve) => timer = setTimeout(() => resolve(false), ms));
+  try {
+    return await Promise.race([p.then(() => true, () => true), timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** The comparable identity of an export address (unix:PATH, tcp:HOST:PORT); null for port 0. */
+function endpoint(address: string): string | null {
+  const plain = address.startsWith("ring:") ? address.slice(5) : address;
+  return /^tcp:.*:0$/.test(plain) ? null : plain;
+}
+
+export class Daemon {
+  readonly stateDir: string;
+  readonly #log: Logger;
+  readonly #disks = new Map<number, Entry>();
+  #stopping = false;
+
+  constructor(stateDir: string, log: Logger) {
+    this.stateDir = stateDir;
+    this.#log = log;
+  }
+
+  /** Runs one control request; failures become error replies. */
+  async handle(req: ControlRequest): Promise<ControlReply> {
+    try {
+      switch (req.verb) {
+        case "list":
+          return { ok: true, disks: this.list() };
+        case "attach":
+          return { ok: true, disk: await this.attach(req) };
+        case "detach":
+          await this.detach(req.id);
+          return { ok: true };
+        case "pause":
+          return { ok: true, disk: await this.pause(req.id) };
+        case "resume":
+          return { ok: true, disk: await this.resume(req.id, req.reopen) };
+        case "stats":
+          return { ok: true, stats: await this.stats(req.id) };
+      }
+    } catch (e) {
+      this.#log.warn("request failed", { verb: req.verb, error: (e as Error).message });
+      return errorReply(e);
+    }
+  }
+
+  list(): DiskRecord[] {
+    return [...this.#disks.values()].map((e) => ({ ...e.record })).sort((a, b) => a.id - b.id);
+  }
+
+  async attach(req: AttachRequest): Promise<DiskRecord> {
+    if (this.#stopping) throw new RequestError("the daemon is shutting down");
+    const spec = checkSpec(req.spec);
+    let nbd = checkNbd(req.nbd);
+    const ring = req.ring === null ? null : checkRing(req.ring);
+    let id = 0;
+    while (this.#disks.has(id)) id++;
+    if (nbd.length === 0 && ring === null) {
+      Deno.mkdirSync(`${this.stateDir}/nbd`, { recursive: true });
+      nbd = [`unix:${this.stateDir}/nbd/${id}.sock`];
+    }
+    const wanted = [...nbd, ...(ring === null ? [] : [`unix:${ring}`])];
+    this.#checkFree(wanted);
+    const args = [spec, "--export-name", String(id)];
+    for (const address of nbd) args.push("--nbd", address);
+    if (ring !== null) args.push("--ring", `unix:${ring}`);
+    if (req.readOnly) args.push("--read-only");
+    const log = this.#log.with({ disk: id });
+    const child = new TapdiskChild(args, log);
+    const entry: Entry = {
+      record: {
+        id,
+        state: "starting",
+        pid: child.pid,
+        spec,
+        readOnly: req.readOnly,
+        exports: [...nbd, ...(ring === null ? [] : [`ring:unix:${ring}`])],
+        uris: [],
+        size: null,
+        reason: null,
+      },
+      child,
+      sockets: wanted.filter((a) => a.startsWith("unix:")).map((a) => a.slice(5)),
+    };
+    this.#disks.set(id, entry);
+    log.info("starting tapdisk", { tapdiskPid: child.pid, spec });
+    child.exited.then((info) => this.#exited(entry, info.reason));
+    try {
+      const ready = await child.ready;
+      Object.assign(entry.record, {
+        state: "running",
+        exports: ready.exports,
+        uris: ready.uris,
+        size: ready.size,
+      });
+    } catch (e) {
+      this.#disks.delete(id);
+      if (!await within(child.exited, STOP_TIMEOUT_MS)) child.kill("SIGKILL");
+      throw new RequestError(`attach ${spec}: ${(e as Error).message}`);
+    }
+    log.info("attached", { exports: entry.record.exports.join(" ") });
+    return { ...entry.record };
+  }
+
+  /** Refuses an address another live disk already serves on. */
+  #checkFree(addresses: string[]): void {
+    const seen = new Set<string>();
+    for (const address of addresses) {
+      const end = endpoint(address);
+      if (end === null) continue;
+      if (seen.has(end)) throw new RequestError(`${address} is given twice`);
+      seen.add(end);
+    }
+    for (const { record } of this.#disks.values()) {
+      if (record.state === "failed") continue;
+      const used = record.exports.find((a) => seen.has(endpoint(a) ?? ""));
+      if (used !== undefined) {
+        throw new RequestError(`${endpoint(used)} is already used by disk ${record.id}`);
+      }
+    }
+  }
+
+  #exited(entry: Entry, reason: string): void {
+    for (const path of entry.sockets) removeSocket(path);
+    const record = entry.record;
+    record.pid = null;
+    if (this.#disks.get(record.id) !== entry) return; // detached, or never started
+    if (record.state === "stopping" || record.state === "starting") return; // expected
+    record.state = "failed";
+    record.reason = `tapdisk ${reason}`;
+    this.#log.error("tapdisk died: the disk has failed", { disk: record.id, reason });
+  }
+
+  #entry(id: number): Entry {
+    const entry = this.#disks.get(id);
+    if (entry === undefined) throw new RequestError(`no disk ${id} (see tapd ctl list)`);
+    return entry;
+  }
+
+  /** A disk whose tapdisk is serving. */
+  #live(id: number): Entry {
+    const entry = this.#entry(id);
+    const { state, reason } = entry.record;
+    if (state === "failed") throw new RequestError(`disk ${id} has failed (${reason}): detach it`);
+    if (state === "starting") throw new RequestError(`disk ${id} is still starting`);
+    if (state === "stopping") throw new RequestError(`disk ${id} is being detached`);
+    return entry;
+  }
+
+  async #command(entry: Entry, cmd: "pause" | "resume" | "stats", reopen?: string) {
+    const reply = await entry.child.request(reopen === undefined ? { cmd } : { cmd, reopen });
+    if (!reply.ok) throw new RequestError(`${cmd} disk ${entry.record.id}: ${reply.error}`);
+    return reply;
+  }
+
+  async pause(id: number): Promise<DiskRecord> {
+    const entry = this.#live(id);
+    await this.#command(entry, "pause");
+    entry.record.state = "paused";
+    this.#log.info("paused", { disk: id });
+    return { ...entry.record };
+  }
+
+  async resume(id: number, reopen: string | null): Promise<DiskRecord> {
+    const entry = this.#live(id);
+    if (reopen !== null) {
+      if (entry.record.state !== "paused") {
+        throw new RequestError(`resume --reopen: disk ${id} is not paused (pause it first)`);
+      }
+      checkSpec(reopen);
+    }
+    await this.#command(entry, "resume", reopen ?? undefined);
+    entry.record.state = "running";
+    if (reopen !== null) entry.record.spec = reopen;
+    this.#log.info("resumed", { disk: id, spec: reopen ?? undefined });
+    return { ...entry.record };
+  }
+
+  async stats(id: number): Promise<DiskStats> {
+    const reply = await this.#command(this.#live(id), "stats");
+    if (!reply.ok || reply.stats === undefined) throw new RequestError("tapdisk sent no stats");
+    return { id, ...reply.stats };
+  }
+
+  async detach(id: number): Promise<void> {
+    const entry = this.#entry(id);
+    if (entry.record.state === "stopping") throw new RequestError(`disk ${id} is being detached`);
+    if (entry.record.state !== "failed") {
+      entry.record.state = "stopping";
+      await this.#stop(entry, () => entry.child.request({ cmd: "stop" }).catch(() => {}));
+    }
+    this.#disks.delete(id);
+    this.#log.info("detached", { disk: id });
+  }
+
+  /** Asks a child to stop, waits for it (killing it after STOP_TIMEOUT_MS). */
+  async #stop(entry: Entry, ask: () => unknown): Promise<void> {
+    ask();
+    if (!await within(entry.child.exited, STOP_TIMEOUT_MS)) {
+      this.#log.warn("tapdisk did not stop in time: killing it", { disk: entry.record.id });
+      entry.child.kill("SIGKILL");
+      await entry.child.exited;
+    }
+  }
+
+  /** SIGTERM to every tapdisk (each drains, flushes, closes), waits for them all. */
+  async shutdown(): Promise<void> {
+    this.#stopping = true;
+    await Promise.all([...this.#disks.values()].map(async (entry) => {
+      if (entry.record.state === "failed") return;
+      entry.record.state = "stopping";
+      await this.#stop(entry, () => entry.child.kill("SIGTERM"));
+    }));
+    this.#disks.clear();
+  }
+}
+
+function removeSocket(path: string): void {
+  try {
+    if (Deno.lstatSync(path).isSocket) Deno.removeSync(path);
+  } catch { /* gone already */ }
+}

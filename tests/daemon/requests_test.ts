@@ -1,0 +1,69 @@
+/** The control protocol refuses bad requests with one-line error replies; the daemon keeps going. */
+import assert from "node:assert/strict";
+import { rawImage, withDaemon } from "./helpers.ts";
+
+Deno.test("daemon: bad requests get error replies and the daemon keeps serving", async () => {
+  await withDaemon(async (d) => {
+    const img = rawImage(d, "a.img");
+    const cases: Array<[unknown, RegExp]> = [
+      [{ verb: "explode" }, /^unknown verb "explode": expected one of attach, list, detach/],
+      ["hello", /^request must be a JSON object/],
+      [{ id: 1 }, /^request has no "verb"/],
+      [{ verb: "attach" }, /^attach: missing "spec"/],
+      [{ verb: "attach", spec: "tap:nope:/x" }, /^Unknown disk type "nope"/],
+      [{ verb: "attach", spec: "tap:aio:" }, /^Missing path in disk spec/],
+      [{ verb: "attach", spec: `${d.dir}/missing.img` }, /^no such file: .*missing\.img$/],
+      [{ verb: "attach", spec: "tap:aio:relative.img" }, /is not absolute/],
+      [{ verb: "attach", spec: img, nbd: ["ftp:x"] }, /^invalid nbd address "ftp:x"/],
+      [{ verb: "attach", spec: img, nbd: "unix:/x" }, /"nbd" must be a list/],
+      [{ verb: "attach", spec: img, ring: "tcp:1.2.3.4" }, /^invalid ring address/],
+      [
+        { verb: "attach", spec: img, nbd: [`unix:${d.dir}/no/such/dir.sock`] },
+        /^no such directory/,
+      ],
+      [{ verb: "attach", spec: `tap:qcow:${img}` }, /^attach tap:qcow:.*a\.img: .*qcow/i],
+      [{ verb: "pause", id: 7 }, /^no disk 7 \(see tapd ctl list\)$/],
+      [{ verb: "detach", id: -1 }, /^detach: "id" must be a disk number/],
+      [{ verb: "stats", id: "0" }, /^stats: "id" must be a disk number/],
+      [{ verb: "resume", id: 0, reopen: 5 }, /^resume: "reopen" must be a string/],
+    ];
+    for (const [request, pattern] of cases) {
+      const reply = await d.request(request);
+      assert.equal(reply.ok, false, `${JSON.stringify(request)} was accepted`);
+      if (!reply.ok) {
+        assert.match(reply.error, pattern, JSON.stringify(request));
+        assert.ok(!reply.error.includes("\n"));
+      }
+    }
+    // Nothing was left behind by the refused or failed attaches.
+    assert.deepEqual(await d.request({ verb: "list" }), { ok: true, disks: [] });
+
+    // Through tapd ctl: one line, exit 1; a bad command line is exit 2 before any request.
+    const missing = await d.ctl("attach", `${d.dir}/missing.img`);
+    assert.equal(missing.code, 1);
+    assert.equal(missing.stderr, `tapd: ctl: no such file: ${d.dir}/missing.img\n`);
+    const unknown = await d.ctl("stats", "3");
+    assert.equal(unknown.stderr, "tapd: ctl: no disk 3 (see tapd ctl list)\n");
+
+    // Conflicting exports and resume --reopen on a disk that is not paused.
+    const a = await d.attach(img, "--nbd", `unix:${d.dir}/a.sock`);
+    const clash = await d.request({ verb: "attach", spec: img, nbd: [`unix:${d.dir}/a.sock`] });
+    assert.deepEqual(clash, { ok: false, error: `unix:${d.dir}/a.sock is already used by disk 0` });
+    const reopen = await d.ctl("resume", String(a.id), "--reopen", img);
+    assert.equal(reopen.code, 1);
+    assert.match(reopen.stderr, /^tapd: ctl: resume --reopen: disk 0 is not paused/);
+    // And a resume --reopen whose image has another size fails; the disk stays paused.
+    await d.ctlOk("pause", "0");
+    const small = rawImage(d, "small.img", 1024 * 1024);
+    const wrongSize = await d.ctl("resume", "0", "--reopen", small);
+    assert.equal(wrongSize.code, 1);
+    assert.match(
+      wrongSize.stderr,
+      /^tapd: ctl: resume disk 0: EINVAL resume: .*small\.img has 1048576 bytes/,
+    );
+    assert.equal((await d.list())[0].state, "paused");
+    assert.equal((await d.stats(0)).paused, true);
+    await d.ctlOk("resume", "0");
+    assert.equal((await d.list())[0].state, "running");
+  });
+});
