@@ -37,9 +37,10 @@ export class RingFrontend {
   #reqProdPvt = 0;
   #rspCons = 0;
   readonly #free: number[] = [];
-  readonly #waiting: Array<() => void> = [];
+  readonly #waiting: Array<(slot: number) => void> = [];
   readonly #pending = new Map<number, (status: number) => void>();
   #reaping = false; // a #wait loop is running
+  #closed = false;
 
   constructor(path: string) {
     this.#conn = connectUnix(path);
@@ -85,15 +86,23 @@ export class RingFrontend {
 
   async flush(): Promise<void> {
     const slot = await this.#slot();
-    this.#check(await this.#submit(slot, BLKIF_OP_FLUSH_DISKCACHE, 0, 0), "flush");
+    try {
+      this.#check(await this.#submit(slot, BLKIF_OP_FLUSH_DISKCACHE, 0, 0), "flush");
+    } finally {
+      this.#release(slot);
+    }
   }
 
   async discard(offset: number, length: number): Promise<void> {
     const slot = await this.#slot();
-    this.#check(
-      await this.#submit(slot, BLKIF_OP_DISCARD, offset / SECTOR, length / SECTOR),
-      "discard",
-    );
+    try {
+      this.#check(
+        await this.#submit(slot, BLKIF_OP_DISCARD, offset / SECTOR, length / SECTOR),
+        "discard",
+      );
+    } finally {
+      this.#release(slot);
+    }
   }
 
   #split(offset: number, buf: Uint8Array, op: number): Promise<void[]> {
@@ -111,21 +120,35 @@ export class RingFrontend {
       throw new RingFrontendError(`unaligned request: ${buf.length} bytes at ${offset}`);
     }
     const slot = await this.#slot();
-    const pages = this.#data.subarray(slot * SLOT_BYTES, slot * SLOT_BYTES + buf.length);
-    if (op === BLKIF_OP_WRITE) pages.set(buf);
-    const status = await this.#submit(slot, op, offset / SECTOR, buf.length / SECTOR);
-    this.#check(status, op === BLKIF_OP_READ ? "read" : "write");
-    if (op === BLKIF_OP_READ) buf.set(pages);
+    try {
+      if (this.#closed) throw new RingFrontendError("the frontend is closed");
+      const pages = this.#data.subarray(slot * SLOT_BYTES, slot * SLOT_BYTES + buf.length);
+      if (op === BLKIF_OP_WRITE) pages.set(buf);
+      const status = await this.#submit(slot, op, offset / SECTOR, buf.length / SECTOR);
+      this.#check(status, op === BLKIF_OP_READ ? "read" : "write");
+      if (op === BLKIF_OP_READ) buf.set(pages);
+    } finally {
+      // Only now may another request use these pages: the response may have been consumed
+      // well before this continuation runs (even inside #submit, when the backend is quick).
+      this.#release(slot);
+    }
   }
 
   #check(status: number, what: string): void {
     if (status !== BLKIF_RSP_OKAY) throw new RingFrontendError(`${what} failed: status ${status}`);
   }
 
+  /** Gives a slot to the next request waiting for one, or back to the free list. */
+  #release(slot: number): void {
+    const waiter = this.#waiting.shift();
+    if (waiter !== undefined) waiter(slot);
+    else this.#free.push(slot);
+  }
+
   #slot(): Promise<number> | number {
     const slot = this.#free.pop();
     if (slot !== undefined) return slot;
-    return new Promise<number>((resolve) => this.#waiting.push(() => resolve(this.#free.pop()!)));
+    return new Promise<number>((resolve) => this.#waiting.push(resolve));
   }
 
   /**
@@ -133,6 +156,7 @@ export class RingFrontend {
    * (segment s = page slot × 11 + s); for discard, `count` sectors; flush ignores both.
    */
   #submit(slot: number, op: number, sector: number, count: number): Promise<number> {
+    if (this.#closed) return Promise.reject(new RingFrontendError("the frontend is closed"));
     const v = this.#view;
     const base = L.RING_OFFSET + (this.#reqProdPvt & (L.RING_SIZE - 1)) * L.ENTRY_SIZE;
     this.#reqProdPvt = (this.#reqProdPvt + 1) >>> 0;
@@ -188,9 +212,7 @@ export class RingFrontend {
           const status = v.getInt16(base + L.OFF_RSP_STATUS, true);
           const resolve = this.#pending.get(slot);
           this.#pending.delete(slot);
-          this.#free.push(slot);
-          resolve?.(status);
-          this.#waiting.shift()?.();
+          resolve?.(status); // its request releases the slot once done with the pages
         }
         if (this.#pending.size === 0) break;
         // RING_FINAL_CHECK_FOR_RESPONSES
@@ -198,6 +220,8 @@ export class RingFrontend {
         fullBarrier();
         if (Atomics.load(w, L.OFF_RSP_PROD / 4) !== this.#rspCons) continue;
         await this.#notify.wait();
+        // Closed while asleep: the ring memory is gone, touching it would be a use-after-free.
+        if (this.#closed) throw new RingFrontendError("the frontend was closed");
       }
     } finally {
       this.#reaping = false;
@@ -206,6 +230,10 @@ export class RingFrontend {
 
   /** Detaches (tapdisk finishes what is in flight and forgets the ring). */
   close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const resolve of this.#pending.values()) resolve(-1);
+    this.#pending.clear();
     this.#conn.close();
     this.#map[Symbol.dispose]();
     this.#kick[Symbol.dispose]();
