@@ -1,6 +1,7 @@
 /**
- * `tapd serve`: one disk as an NBD export in the foreground, like qemu-nbd. SIGTERM/SIGINT stop
- * it: no new clients, requests in flight finish, the disk is flushed and closed, exit 0.
+ * `tapd serve`: one disk as an NBD export and/or a FUSE file in the foreground, like qemu-nbd and
+ * qemu-storage-daemon. SIGTERM/SIGINT stop it: no new clients, the FUSE file is unmounted,
+ * requests in flight finish, the disk is flushed and closed, exit 0.
  */
 import { parseChoice, parseCommandLine } from "../cli/args.ts";
 import { type Command, UsageError } from "../cli/command.ts";
@@ -9,32 +10,50 @@ import { openDisk } from "../drivers/mod.ts";
 import { ENGINE_KINDS } from "../io/engine.ts";
 import { formatNbdAddress, nbdUri, parseNbdAddress } from "../nbd/address.ts";
 import { NbdServer } from "../nbd/server.ts";
+import { FuseExport, MountError } from "../fuse/export.ts";
+import type { Logger } from "../cli/log.ts";
 
 export const serveCommand: Command = {
   name: "serve",
-  summary: "export one disk over NBD in the foreground (like qemu-nbd)",
-  usage: `Usage: tapd serve SPEC --nbd ADDR [--nbd ADDR …] [--read-only] [--export-name NAME]
+  summary: "export one disk over NBD and/or as a FUSE file in the foreground (like qemu-nbd)",
+  usage: `Usage: tapd serve SPEC [--nbd ADDR …] [--fuse PATH] [--read-only] [--export-name NAME]
                   [--engine aio|uring|sync]
 
-Serves the disk SPEC (tap:TYPE:PATH) over NBD until SIGTERM or SIGINT. ADDR is unix:PATH or
-tcp:HOST[:PORT] (port 10809 by default); give --nbd several times to listen on several.
-Clients open nbd://HOST:PORT/NAME or nbd+unix:///NAME?socket=PATH; the default export ""
-is this disk too. Every connection shares one open disk, so multi-conn is advertised.
+Serves the disk SPEC (tap:TYPE:PATH) until SIGTERM or SIGINT; give at least one export:
+  --nbd ADDR    an NBD listener, unix:PATH or tcp:HOST[:PORT] (port 10809 by default);
+                repeatable. Clients open nbd://HOST:PORT/NAME or nbd+unix:///NAME?socket=PATH;
+                the default export "" is this disk too. Every connection shares one open
+                disk, so multi-conn is advertised. Each URI is printed on stdout.
+  --fuse PATH   mount the disk over the existing regular file PATH (FUSE, no helper): the
+                file then is the disk, sized to it, writable unless read-only. Use it with
+                \`losetup --direct-io=on\`. The path is printed on stdout once mounted.
+                With --nbd too, the file bypasses the page cache (NBD writes stay visible).
+
+SIGTERM unmounts the FUSE file; while something still uses it (a loop device, an open file)
+tapd says so and goes on serving: detach it, or send SIGTERM again to abort the mount (its
+users then get I/O errors). Unmounting the file from outside also ends a FUSE-only serve.
 
 Examples:
   tapd serve tap:qcow:vm.qcow --nbd unix:/run/vm.sock --nbd tcp:127.0.0.1:10809
-  qemu-img info nbd+unix:///?socket=/run/vm.sock`,
+  qemu-img info nbd+unix:///?socket=/run/vm.sock
+  touch /run/vm.img && tapd serve tap:qcow:vm.qcow --fuse /run/vm.img &
+  losetup --direct-io=on --find --show /run/vm.img`,
 
   async run(args: string[]): Promise<number> {
     const { values, positionals } = parseCommandLine("serve", args, {
       nbd: { type: "string", multiple: true },
+      fuse: { type: "string" },
       "read-only": { type: "boolean", default: false },
       "export-name": { type: "string", default: "" },
       engine: { type: "string" },
     });
     if (positionals.length !== 1) throw new UsageError("serve: expected one disk spec");
     const addresses = (values.nbd ?? []).map((a) => parseNbdAddress(a));
-    if (addresses.length === 0) throw new UsageError("serve: --nbd ADDR is required");
+    const fusePath = values.fuse;
+    if (fusePath === "") throw new UsageError("serve: --fuse needs a path");
+    if (addresses.length === 0 && fusePath === undefined) {
+      throw new UsageError("serve: give an export: --nbd ADDR and/or --fuse PATH");
+    }
     const exportName = values["export-name"];
     if (new TextEncoder().encode(exportName).length > 4096 || exportName.includes("\0")) {
       throw new UsageError("serve: --export-name must be at most 4096 bytes, without NUL");
@@ -50,10 +69,8 @@ Examples:
         readOnly: values["read-only"],
         log: log.with({ component: "nbd" }),
       });
-      let stopped!: () => void;
-      const stop = new Promise<void>((resolve) => stopped = resolve);
-      Deno.addSignalListener("SIGTERM", stopped);
-      Deno.addSignalListener("SIGINT", stopped);
+      const signals = new SignalQueue();
+      let fuse: FuseExport | null = null;
       try {
         for (const address of addresses) {
           const bound = await server.listen(address);
@@ -63,12 +80,24 @@ Examples:
           });
           console.log(nbdUri(bound, exportName));
         }
-        await stop;
+        if (fusePath !== undefined) {
+          fuse = new FuseExport(disk, fusePath, {
+            readOnly: values["read-only"],
+            // NBD clients write behind the page cache's back: the file must not cache.
+            directIo: addresses.length > 0,
+            log: log.with({ component: "fuse" }),
+          });
+          await fuse.mount();
+          console.log(fusePath);
+        }
+        // A FUSE-only serve also ends when its file is unmounted from outside.
+        const stop = signals.next();
+        await (addresses.length === 0 ? Promise.race([stop, fuse!.ended]) : stop);
         log.info("stopping");
       } finally {
-        Deno.removeSignalListener("SIGTERM", stopped);
-        Deno.removeSignalListener("SIGINT", stopped);
         await server.close();
+        if (fuse !== null) await closeFuse(fuse, signals, log);
+        signals[Symbol.dispose]();
       }
       if (!disk.info.readOnly) await disk.flush();
     } finally {
@@ -78,3 +107,49 @@ Examples:
     return 0;
   },
 };
+
+/** SIGTERM and SIGINT as a queue: `next()` resolves at the next one (or one not yet taken). */
+class SignalQueue implements Disposable {
+  #pending = 0;
+  #waiters: (() => void)[] = [];
+  readonly #on = () => {
+    const wake = this.#waiters.shift();
+    if (wake !== undefined) wake();
+    else this.#pending++;
+  };
+
+  constructor() {
+    Deno.addSignalListener("SIGTERM", this.#on);
+    Deno.addSignalListener("SIGINT", this.#on);
+  }
+
+  next(): Promise<void> {
+    if (this.#pending > 0) {
+      this.#pending--;
+      return Promise.resolve();
+    }
+    return new Promise((resolve) => this.#waiters.push(resolve));
+  }
+
+  [Symbol.dispose](): void {
+    Deno.removeSignalListener("SIGTERM", this.#on);
+    Deno.removeSignalListener("SIGINT", this.#on);
+  }
+}
+
+/**
+ * Unmounts the FUSE file. While it is in use, says so and goes on serving until it is free,
+ * or a further signal forces it (the connection is aborted).
+ */
+async function closeFuse(fuse: FuseExport, signals: SignalQueue, log: Logger): Promise<void> {
+  try {
+    await fuse.close();
+    return;
+  } catch (e) {
+    if (!(e instanceof MountError)) throw e;
+    log.error(`${e.message}; still serving: SIGTERM again aborts the mount`);
+  }
+  const closing = fuse.close({ graceMs: Infinity });
+  const forced = await Promise.race([closing.then(() => false), signals.next().then(() => true)]);
+  if (forced) await fuse.close({ force: true });
+}

@@ -1,0 +1,520 @@
+/**
+ * The seed's table: ext4 on a loop device (direct I/O) over each way of turning an image into a
+ * file, measured with bonnie++ (in a memory-limited cgroup v1) and fio --direct=1, each row with
+ * its ratio to native.
+ *
+ *   native           ext4 on `losetup --direct-io=on` over the raw file itself
+ *   tapd aio         … over `tapd serve tap:aio:RAW --fuse FILE`
+ *   tapd qcow        … over `tapd serve tap:qcow:QCOW --fuse FILE` (a sparse qcow image)
+ *   nbdfuse+qemu-nbd … over nbdfuse's file, connected to `qemu-nbd --cache=none` on the raw file
+ *   qsd fuse         … over `qemu-storage-daemon --export type=fuse` of the raw file
+ *
+ * A peer that fails is shown as failed, with what failed. Run as root:
+ *   deno task bench:seed [--quick] [--json] [--dir DIR] [--only NAME,NAME]
+ */
+import { parseArgs } from "node:util";
+import { ROOT } from "./common.ts";
+
+const { values: opts } = parseArgs({
+  options: {
+    quick: { type: "boolean", default: false },
+    json: { type: "boolean", default: false },
+    dir: { type: "string", default: "/var/tmp" },
+    only: { type: "string" },
+  },
+});
+
+const MiB = 1024 * 1024;
+const QUICK = opts.quick;
+/** Image size, bonnie++ file size and RAM (-s, -r, MiB), cgroup limit, fio file and run time. */
+const P = QUICK
+  ? { imageMiB: 1024, bonnieS: 512, bonnieR: 256, cgroupMiB: 256, fioMiB: 256, fioSeconds: 3 }
+  : { imageMiB: 4096, bonnieS: 2048, bonnieR: 512, cgroupMiB: 512, fioMiB: 1024, fioSeconds: 10 };
+
+const dec = new TextDecoder();
+
+function log(msg: string): void {
+  console.error(`seed_table: ${msg}`);
+}
+
+interface Out {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+async function sh(cmd: string, args: string[], timeoutMs = 30 * 60_000): Promise<Out> {
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), timeoutMs);
+  try {
+    const r = await new Deno.Command(cmd, {
+      args,
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+      signal: abort.signal,
+    }).output();
+    return { code: r.code, stdout: dec.decode(r.stdout), stderr: dec.decode(r.stderr) };
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+async function ok(cmd: string, args: string[], timeoutMs?: number): Promise<string> {
+  const r = await sh(cmd, args, timeoutMs);
+  if (r.code !== 0) {
+    const why = (r.stderr || r.stdout).trim().split("\n").slice(-2).join(" / ");
+    throw new Error(`${cmd} ${args.slice(0, 3).join(" ")}: ${why || `exit ${r.code}`}`);
+  }
+  return r.stdout;
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+function isMountPoint(path: string): boolean {
+  const info = Deno.readTextFileSync("/proc/self/mountinfo");
+  return info.split("\n").some((l) => l.split(" ")[4] === path);
+}
+
+async function waitFor(what: string, cond: () => boolean, ms = 20_000): Promise<void> {
+  for (const end = Date.now() + ms; Date.now() < end; await sleep(100)) if (cond()) return;
+  throw new Error(`timed out waiting for ${what}`);
+}
+
+/** A background process, killed at teardown; its stderr kept for error messages. */
+class Background {
+  readonly child: Deno.ChildProcess;
+  stderr = "";
+  readonly done: Promise<Deno.CommandStatus>;
+
+  constructor(cmd: string, args: string[]) {
+    const child = new Deno.Command(cmd, {
+      args,
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    this.child = child;
+    (async () => {
+      for await (const c of child.stderr) this.stderr = (this.stderr + dec.decode(c)).slice(-4096);
+    })().catch(() => {});
+    this.done = this.child.status;
+  }
+
+  async stop(signal: Deno.Signal = "SIGTERM"): Promise<void> {
+    try {
+      this.child.kill(signal);
+    } catch { /* gone */ }
+    const t = setTimeout(() => {
+      try {
+        this.child.kill("SIGKILL");
+      } catch { /* gone */ }
+    }, 15_000);
+    await this.done;
+    clearTimeout(t);
+  }
+}
+
+/** How one configuration provides the file the loop device sits on. */
+interface Kind {
+  name: string;
+  /** Starts whatever serves the file; returns the file and a teardown. */
+  setup(work: string, raw: string): Promise<{ file: string; teardown: () => Promise<void> }>;
+}
+
+async function tapdServe(spec: string, file: string) {
+  Deno.writeFileSync(file, new Uint8Array(0));
+  const p = new Background(`${ROOT}tapd`, ["serve", spec, "--fuse", file]);
+  await waitFor("tapd serve to mount", () => isMountPoint(file)).catch((e) => {
+    throw new Error(`${(e as Error).message}: ${p.stderr.trim().split("\n").pop()}`);
+  });
+  await sleep(200);
+  return {
+    file,
+    teardown: async () => {
+      await p.stop();
+      if (isMountPoint(file)) await sh("umount", ["-l", file]);
+    },
+  };
+}
+
+const KINDS: Kind[] = [
+  {
+    name: "native",
+    setup: (_work, raw) => Promise.resolve({ file: raw, teardown: () => Promise.resolve() }),
+  },
+  {
+    name: "tapd aio",
+    setup: (work, raw) => tapdServe(`tap:aio:${raw}`, `${work}/tapd-aio.file`),
+  },
+  {
+    name: "tapd qcow",
+    async setup(work) {
+      const qcow = `${work}/disk.qcow`;
+      try {
+        Deno.removeSync(qcow);
+      } catch { /* none */ }
+      await ok(`${ROOT}tapd`, ["qcow-create", String(P.imageMiB), qcow]);
+      const served = await tapdServe(`tap:qcow:${qcow}`, `${work}/tapd-qcow.file`);
+      return {
+        file: served.file,
+        teardown: async () => {
+          await served.teardown();
+          Deno.removeSync(qcow);
+        },
+      };
+    },
+  },
+  {
+    name: "nbdfuse+qemu-nbd",
+    async setup(work, raw) {
+      const sock = `${work}/qemu-nbd.sock`, dir = `${work}/nbdfuse`;
+      Deno.mkdirSync(dir, { recursive: true });
+      const nbd = new Background("qemu-nbd", [
+        "-f",
+        "raw",
+        "-t",
+        "-k",
+        sock,
+        "--cache=none",
+        "--aio=native",
+        raw,
+      ]);
+      try {
+        await waitFor("qemu-nbd's socket", () => {
+          try {
+            return Deno.statSync(sock).isSocket === true;
+          } catch {
+            return false;
+          }
+        });
+      } catch (e) {
+        await nbd.stop();
+        throw new Error(`qemu-nbd: ${(e as Error).message}: ${nbd.stderr.trim()}`);
+      }
+      const fuse = new Background("nbdfuse", [dir, "--unix", sock]);
+      try {
+        await waitFor("nbdfuse to mount", () => isMountPoint(dir));
+      } catch (e) {
+        await fuse.stop();
+        await nbd.stop();
+        throw new Error(`nbdfuse: ${(e as Error).message}: ${fuse.stderr.trim()}`);
+      }
+      return {
+        file: `${dir}/nbd`,
+        teardown: async () => {
+          await sh("umount", [dir]);
+          await fuse.stop();
+          await nbd.stop();
+          if (isMountPoint(dir)) await sh("umount", ["-l", dir]);
+        },
+      };
+    },
+  },
+  {
+    name: "qsd fuse",
+    async setup(work, raw) {
+      const file = `${work}/qsd.file`;
+      Deno.writeFileSync(file, new Uint8Array(0));
+      const qsd = new Background("qemu-storage-daemon", [
+        "--blockdev",
+        `driver=file,node-name=disk,filename=${raw},cache.direct=on,aio=native`,
+        "--export",
+        `type=fuse,id=exp0,node-name=disk,mountpoint=${file},writable=on`,
+      ]);
+      try {
+        await waitFor("qemu-storage-daemon to mount", () => isMountPoint(file));
+      } catch (e) {
+        await qsd.stop();
+        throw new Error(`qemu-storage-daemon: ${(e as Error).message}: ${qsd.stderr.trim()}`);
+      }
+      return {
+        file,
+        teardown: async () => {
+          await qsd.stop();
+          if (isMountPoint(file)) await sh("umount", ["-l", file]);
+        },
+      };
+    },
+  },
+];
+
+// ---- the tests ----
+
+/** bonnie++'s six figures (KiB/s; seeks/s), null where it printed +++++ (too fast to time). */
+interface Bonnie {
+  putc: number | null;
+  putBlock: number | null;
+  rewrite: number | null;
+  getc: number | null;
+  getBlock: number | null;
+  seeks: number | null;
+}
+const BONNIE_COLUMNS: [keyof Bonnie, string][] = [
+  ["putc", "per-char out"],
+  ["putBlock", "block out"],
+  ["rewrite", "rewrite"],
+  ["getc", "per-char in"],
+  ["getBlock", "block in"],
+  ["seeks", "seeks"],
+];
+
+const CGROUP_ROOT = "/sys/fs/cgroup/memory";
+
+async function bonnie(mnt: string): Promise<{ result: Bonnie; cgroup: boolean }> {
+  const args = [
+    "-d",
+    mnt,
+    "-s",
+    String(P.bonnieS),
+    "-r",
+    String(P.bonnieR),
+    "-n",
+    "0",
+    "-u",
+    "root",
+    "-q",
+  ];
+  let cgroup: string | null = null;
+  try {
+    if (Deno.statSync(`${CGROUP_ROOT}/memory.limit_in_bytes`).isFile) {
+      cgroup = `${CGROUP_ROOT}/tapd-seed-${Deno.pid}`;
+      Deno.mkdirSync(cgroup, { recursive: true });
+      Deno.writeTextFileSync(`${cgroup}/memory.limit_in_bytes`, String(P.cgroupMiB * MiB));
+    }
+  } catch {
+    cgroup = null;
+  }
+  try {
+    const script = cgroup === null
+      ? `exec bonnie++ "$@"`
+      : `echo $$ > ${cgroup}/cgroup.procs && exec bonnie++ "$@"`;
+    const out = await ok("sh", ["-c", script, "bonnie", ...args], 60 * 60_000);
+    const line = out.trim().split("\n").filter((l) => /^\d/.test(l)).pop() ?? "";
+    const f = line.split(",");
+    const num = (s: string | undefined) => (s === undefined || !/^\d+$/.test(s) ? null : Number(s));
+    return {
+      result: {
+        putc: num(f[9]),
+        putBlock: num(f[11]),
+        rewrite: num(f[13]),
+        getc: num(f[15]),
+        getBlock: num(f[17]),
+        seeks: num(f[19]),
+      },
+      cgroup: cgroup !== null,
+    };
+  } finally {
+    if (cgroup !== null) {
+      try {
+        Deno.removeSync(cgroup);
+      } catch { /* still busy for a moment */ }
+    }
+  }
+}
+
+interface FioJob {
+  name: string;
+  rw: string;
+  bs: string;
+  qd: number;
+}
+const FIO_JOBS: FioJob[] = [
+  { name: "seq write 1M QD16", rw: "write", bs: "1M", qd: 16 },
+  { name: "rand write 4k QD64", rw: "randwrite", bs: "4k", qd: 64 },
+  { name: "seq read 1M QD16", rw: "read", bs: "1M", qd: 16 },
+  { name: "rand read 4k QD64", rw: "randread", bs: "4k", qd: 64 },
+];
+
+async function fio(file: string, job: FioJob): Promise<number> {
+  const out = await ok("fio", [
+    "--name=seed",
+    `--filename=${file}`,
+    `--size=${P.fioMiB}M`,
+    "--ioengine=libaio",
+    "--direct=1",
+    `--rw=${job.rw}`,
+    `--bs=${job.bs}`,
+    `--iodepth=${job.qd}`,
+    `--runtime=${P.fioSeconds}`,
+    "--time_based",
+    "--output-format=json",
+  ]);
+  const j = JSON.parse(out.slice(out.indexOf("{"))).jobs[0];
+  return job.rw.includes("write") ? j.write.iops : j.read.iops;
+}
+
+interface Row {
+  name: string;
+  error?: string;
+  /** Why the row was measured on a buffered loop device instead. */
+  note?: string;
+  loopDirectIo?: boolean;
+  cgroup?: boolean;
+  bonnie?: Bonnie;
+  fio?: Record<string, number>;
+}
+
+/**
+ * One configuration, on a direct-I/O loop device; if the file system cannot even be made and
+ * mounted that way, once more on a buffered loop device (the row says why).
+ */
+async function measure(kind: Kind, work: string, raw: string): Promise<Row> {
+  const row = await measureOnce(kind, work, raw, true);
+  if (row.error === undefined || !/^(losetup|mkfs|mount)/.test(row.error)) return row;
+  log(`${kind.name}: again on a buffered loop device`);
+  const again = await measureOnce(kind, work, raw, false);
+  if (again.error !== undefined) return row;
+  again.note = `direct-I/O loop: ${row.error}`;
+  return again;
+}
+
+async function measureOnce(kind: Kind, work: string, raw: string, direct: boolean): Promise<Row> {
+  const row: Row = { name: kind.name };
+  let step = "setup";
+  let served: { file: string; teardown: () => Promise<void> } | null = null;
+  let loop = "";
+  const mnt = `${work}/mnt`;
+  let mounted = false;
+  try {
+    // A fresh raw image each time, sparse.
+    const f = Deno.openSync(raw, { create: true, write: true, truncate: true });
+    f.truncate(P.imageMiB * MiB);
+    f.close();
+    served = await kind.setup(work, raw);
+    step = "losetup";
+    loop = (await ok("losetup", [
+      `--direct-io=${direct ? "on" : "off"}`,
+      "--find",
+      "--show",
+      served.file,
+    ]))
+      .trim();
+    const dio = await ok("losetup", ["--list", "--noheadings", "--output", "DIO", loop]);
+    row.loopDirectIo = dio.trim() === "1";
+    step = "mkfs.ext4";
+    await ok("mkfs.ext4", ["-q", "-F", loop], 10 * 60_000);
+    Deno.mkdirSync(mnt, { recursive: true });
+    step = "mount";
+    await ok("mount", [loop, mnt]);
+    mounted = true;
+    step = "bonnie++";
+    log(`${kind.name}: bonnie++ -s ${P.bonnieS} -r ${P.bonnieR}`);
+    const b = await bonnie(mnt);
+    row.bonnie = b.result;
+    row.cgroup = b.cgroup;
+    row.fio = {};
+    for (const job of FIO_JOBS) {
+      step = `fio ${job.name}`;
+      log(`${kind.name}: fio ${job.name}`);
+      row.fio[job.name] = await fio(`${mnt}/fio.dat`, job);
+    }
+  } catch (e) {
+    row.error = `${step}: ${(e as Error).message.replace(/\s+/g, " ").trim()}`;
+    log(`${kind.name} failed: ${row.error}`);
+  } finally {
+    if (mounted && (await sh("umount", [mnt])).code !== 0) await sh("umount", ["-l", mnt]);
+    if (loop !== "") await sh("losetup", ["-d", loop]);
+    if (served !== null) await served.teardown().catch(() => {});
+  }
+  return row;
+}
+
+// ---- output ----
+
+function ratio(v: number | null | undefined, base: number | null | undefined): string {
+  if (v === null || v === undefined || base === null || base === undefined || base === 0) {
+    return "";
+  }
+  return ` (${(v / base).toFixed(2)}×)`;
+}
+
+function cell(v: number | null | undefined, base: number | null | undefined): string {
+  if (v === undefined) return "-";
+  if (v === null) return "+++++";
+  return `${Math.round(v).toLocaleString("en-US")}${ratio(v, base)}`;
+}
+
+function table(head: string[], rows: string[][]): string {
+  const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
+  const line = (cells: string[]) =>
+    "| " + cells.map((c, i) => (c ?? "").padEnd(widths[i])).join(" | ") + " |";
+  return [line(head), "| " + widths.map((w) => "-".repeat(w)).join(" | ") + " |", ...rows.map(line)]
+    .join("\n");
+}
+
+/** A failure as a table cell: short; the whole message goes under the table. */
+function failed(r: Row): string {
+  const e = r.error ?? "";
+  return `failed: ${e.length > 70 ? e.slice(0, 67) + "…" : e}`;
+}
+
+function label(r: Row): string {
+  return r.name + (r.loopDirectIo === false ? " (buffered loop)" : "");
+}
+
+function notes(rows: Row[]): string[] {
+  const out: string[] = [];
+  for (const r of rows) {
+    if (r.error !== undefined) out.push(`- ${r.name} failed at ${r.error}`);
+    if (r.note !== undefined) out.push(`- ${r.name} ran on a buffered loop device; ${r.note}`);
+  }
+  return out.length > 0 ? ["", ...out] : [];
+}
+
+function render(rows: Row[]): string {
+  const native = rows.find((r) => r.name === "native" && r.error === undefined);
+  const bonnieRows = rows.map((r) =>
+    r.error !== undefined ? [r.name, failed(r)] : [
+      label(r),
+      ...BONNIE_COLUMNS.map(([k]) => cell(r.bonnie?.[k], native?.bonnie?.[k])),
+    ]
+  );
+  const fioRows = rows.map((r) =>
+    r.error !== undefined ? [r.name, failed(r)] : [
+      label(r),
+      ...FIO_JOBS.map((j) => cell(r.fio?.[j.name], native?.fio?.[j.name])),
+    ]
+  );
+  const cg = rows.some((r) => r.cgroup) ? `, in a ${P.cgroupMiB} MiB memory cgroup` : "";
+  return [
+    `bonnie++ -s ${P.bonnieS} -r ${P.bonnieR} -n 0${cg} (K/sec; seeks /sec; ratio to native):`,
+    "",
+    table(["", ...BONNIE_COLUMNS.map(([, h]) => h)], bonnieRows),
+    "",
+    `fio --direct=1 --ioengine=libaio, ${P.fioMiB} MiB file, ${P.fioSeconds} s each (IOPS; ratio to native):`,
+    "",
+    table(["", ...FIO_JOBS.map((j) => j.name)], fioRows),
+    ...notes(rows),
+  ].join("\n");
+}
+
+// ---- main ----
+
+if (Deno.uid() !== 0) {
+  console.error("seed_table: needs root (loop devices, mounts, cgroups)");
+  Deno.exit(1);
+}
+const only = opts.only?.split(",").map((s) => s.trim());
+const work = Deno.makeTempDirSync({ dir: opts.dir, prefix: "tapd-seed-" });
+const rows: Row[] = [];
+try {
+  const raw = `${work}/disk.raw`;
+  for (const kind of KINDS) {
+    if (only !== undefined && !only.includes(kind.name) && kind.name !== "native") continue;
+    log(`${kind.name}: setting up`);
+    rows.push(await measure(kind, work, raw));
+  }
+} finally {
+  Deno.removeSync(work, { recursive: true });
+}
+if (opts.json) {
+  console.log(
+    JSON.stringify({ quick: QUICK, parameters: P, date: new Date().toISOString(), rows }, null, 2),
+  );
+} else {
+  console.log(`Seed table (${QUICK ? "--quick" : "full"}; ${new Date().toISOString()})\n`);
+  console.log(render(rows));
+}

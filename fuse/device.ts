@@ -1,0 +1,88 @@
+/**
+ * The /dev/fuse descriptor of one mount (protocols.md §17, §23). It is opened O_NONBLOCK: the
+ * event loop drains every queued request with plain synchronous read(2)s (each returns exactly
+ * one request; EAGAIN once the queue is empty), and only then parks a single poll(2) on Deno's
+ * thread pool until more arrive. So one pool thread waits however many requests are in flight,
+ * and everything the kernel queued during one turn is started in that turn (and reaches the I/O
+ * engine as one batch). Replies are single synchronous write(2)s.
+ */
+import { lastErrno, SysError } from "../ffi/errno.ts";
+import { FileHandle } from "../ffi/file.ts";
+import { libc } from "../ffi/libc.ts";
+import { EAGAIN, EINTR, ENOENT, O_RDWR } from "../ffi/constants.ts";
+
+const O_NONBLOCK = 0o4000;
+const POLLIN = 0x1;
+const ENODEV = 19;
+const ECONNABORTED = 103;
+const PR_SET_IO_FLUSHER = 57;
+
+/** What a read of the device gave. */
+export const READ_NONE = 0;
+export const READ_GONE = -1;
+
+export class FuseDevice implements Disposable {
+  readonly handle: FileHandle;
+  readonly #pollfd = new Int32Array(2);
+
+  constructor() {
+    this.handle = FileHandle.open("/dev/fuse", O_RDWR | O_NONBLOCK);
+    this.#pollfd[0] = this.handle.fd;
+    this.#pollfd[1] = POLLIN; // short events = POLLIN, short revents = 0 (little-endian)
+  }
+
+  get fd(): number {
+    return this.handle.fd;
+  }
+
+  /**
+   * Reads one request into `buf` (sized for the largest request). Returns its length,
+   * READ_NONE when no request is queued, READ_GONE once the file system is unmounted or the
+   * connection aborted.
+   */
+  read(buf: Uint8Array): number {
+    for (;;) {
+      const n = Number(libc.read(this.handle.fd, buf, BigInt(buf.length)));
+      if (n >= 0) return n;
+      const errno = lastErrno();
+      // EINTR: a signal; ENOENT: the request vanished (interrupted) before it was copied.
+      if (errno === EINTR || errno === ENOENT) continue;
+      if (errno === EAGAIN) return READ_NONE;
+      if (errno === ENODEV || errno === ECONNABORTED) return READ_GONE;
+      throw new SysError(errno, "read", "/dev/fuse");
+    }
+  }
+
+  /** Resolves when a request is queued or the connection is gone (poll on a pool thread). */
+  async readable(): Promise<void> {
+    this.#pollfd[1] = POLLIN;
+    await libc.poll_nb(this.#pollfd, 1n, -1);
+  }
+
+  /**
+   * Sends one reply. False when the kernel no longer waits for it (the request was interrupted
+   * or the connection ended: ENOENT, ENODEV), which is normal; other failures are bugs in the
+   * reply and throw.
+   */
+  write(reply: Uint8Array): boolean {
+    const n = Number(libc.write(this.handle.fd, reply, BigInt(reply.length)));
+    if (n === reply.length) return true;
+    if (n >= 0) throw new Error(`write /dev/fuse: short write (${n} of ${reply.length} bytes)`);
+    const errno = lastErrno();
+    if (errno === ENOENT || errno === ENODEV || errno === ECONNABORTED) return false;
+    throw new SysError(errno, "write", "/dev/fuse");
+  }
+
+  [Symbol.dispose](): void {
+    this.handle.close();
+  }
+}
+
+/**
+ * Marks the calling thread as one that block I/O depends on (PR_SET_IO_FLUSHER): with a loop
+ * device over the export, memory reclaim may wait for tapd, so tapd's own allocations must not
+ * wait for reclaim through I/O. Best effort (needs CAP_SYS_RESOURCE, Linux 5.6); true if set.
+ */
+export function setIoFlusher(): boolean {
+  return libc.prctl(PR_SET_IO_FLUSHER, 1n, 0n, 0n, 0n) === 0;
+}

@@ -1,0 +1,243 @@
+/**
+ * The FUSE export: one disk mounted as one regular file (docs/fuse.md). An existing regular file
+ * is the mount point (like qemu-storage-daemon's fuse export): after mount() the file at PATH is
+ * the disk, sized to it, writable unless the disk or the export is read-only, and usable with
+ * `losetup --direct-io=on`, `dd`, `qemu-img` or anything else that takes a file.
+ *
+ *   const fuse = new FuseExport(disk, "/run/vm.img", { log });
+ *   await fuse.mount();      // resolves once the kernel's INIT is answered
+ *   …
+ *   await fuse.close();      // unmounts (waiting up to 5 s for users), answers what is in flight
+ */
+import { type Logger, silentLogger } from "../cli/log.ts";
+import type { BlockTarget } from "../drivers/target.ts";
+import { SysError } from "../ffi/errno.ts";
+import { FileAttributes } from "./attributes.ts";
+import { FuseDevice, setIoFlusher } from "./device.ts";
+import {
+  abortConnection,
+  checkMountPoint,
+  findMount,
+  MountError,
+  mountFuse,
+  type MountInfo,
+  unmount,
+  unmountLazily,
+} from "./mount.ts";
+import { MAX_IO } from "./protocol.ts";
+import { FuseSession } from "./session.ts";
+
+export { abortFuseMount, MountError } from "./mount.ts";
+
+export interface FuseExportOptions {
+  /** Refuse writes even if the target accepts them (the mount is read-only too). */
+  readOnly?: boolean;
+  log?: Logger;
+  /**
+   * Bypass the page cache on every open (FOPEN_DIRECT_IO): set it when the disk is also
+   * written through another export (NBD), so that readers of the file never see stale pages.
+   */
+  directIo?: boolean;
+  /** Requests in flight at most (default 256). */
+  maxRequests?: number;
+}
+
+export interface FuseCloseOptions {
+  /** How long to keep retrying while the file is in use (default 5000 ms; may be Infinity). */
+  graceMs?: number;
+  /**
+   * When still in use after the grace time: abort the connection and unmount lazily (users get
+   * I/O errors) instead of throwing a MountError (EBUSY) and going on serving.
+   */
+  force?: boolean;
+}
+
+const INIT_TIMEOUT_MS = 10_000;
+const EINVAL = 22;
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+export class FuseExport {
+  readonly target: BlockTarget;
+  /** The mount point as given. */
+  readonly path: string;
+  readonly readOnly: boolean;
+  readonly #log: Logger;
+  readonly #maxRequests: number | undefined;
+  readonly #directIo: boolean;
+  /** The resolved mount point, once mounted. */
+  #mountPoint: string | null = null;
+  #mount: MountInfo | null = null;
+  #session: FuseSession | null = null;
+  #running: Promise<void> | null = null;
+  #closing: Promise<void> | null = null;
+  readonly #ended = Promise.withResolvers<void>();
+  #endedFlag = false;
+
+  constructor(target: BlockTarget, path: string, options: FuseExportOptions = {}) {
+    this.target = target;
+    this.path = path;
+    this.readOnly = (options.readOnly ?? false) || target.info.readOnly;
+    this.#log = (options.log ?? silentLogger).with({ mount: path });
+    this.#maxRequests = options.maxRequests;
+    this.#directIo = options.directIo ?? false;
+  }
+
+  /**
+   * Mounts the disk over the regular file at `path`. Fails with a one-line MountError when
+   * the file is missing, not a regular file, or already a mount point.
+   */
+  async mount(): Promise<void> {
+    if (this.#running !== null || this.#closing !== null) {
+      throw new Error(`FUSE export "${this.path}" was already mounted`);
+    }
+    const point = checkMountPoint(this.path);
+    const device = new FuseDevice();
+    let session: FuseSession;
+    try {
+      session = new FuseSession(device, this.target, {
+        attributes: new FileAttributes({
+          size: this.target.size,
+          mode: point.mode,
+          uid: point.uid,
+          gid: point.gid,
+          readOnly: this.readOnly,
+          mtime: point.mtime,
+        }),
+        readOnly: this.readOnly,
+        directIo: this.#directIo,
+        log: this.#log,
+        maxRequests: this.#maxRequests,
+      });
+      mountFuse(point.path, {
+        fd: device.fd,
+        readOnly: this.readOnly,
+        maxRead: MAX_IO,
+        source: `tapd:${this.target.name}`,
+      });
+    } catch (e) {
+      device[Symbol.dispose]();
+      throw e;
+    }
+    this.#mountPoint = point.path;
+    this.#session = session;
+    // Reading mountinfo does not touch the new file system, so it is safe before INIT.
+    this.#mount = findMount(point.path);
+    if (!setIoFlusher()) this.#log.debug("PR_SET_IO_FLUSHER not available");
+    this.#running = session.run().catch((e) => {
+      this.#log.error("FUSE session failed", { error: (e as Error).message });
+    }).finally(() => {
+      session[Symbol.dispose]();
+      device[Symbol.dispose]();
+      this.#log.info("unmounted", { requests: session.requests });
+      this.#endedFlag = true;
+      this.#ended.resolve();
+    });
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(
+        () => reject(new Error(`FUSE mount "${this.path}": no INIT from the kernel`)),
+        INIT_TIMEOUT_MS,
+      );
+    });
+    try {
+      await Promise.race([session.initialized, timeout]);
+    } catch (e) {
+      this.#abort();
+      await this.#running;
+      throw e;
+    } finally {
+      clearTimeout(timer);
+    }
+    this.#log.info("mounted", {
+      disk: this.target.name,
+      size: this.target.size,
+      readOnly: this.readOnly,
+    });
+  }
+
+  /** True from mount() until the connection ends. */
+  get mounted(): boolean {
+    return this.#running !== null && !this.#endedFlag;
+  }
+
+  /**
+   * Resolves when the connection has ended, by close() or otherwise (someone unmounted the
+   * file, or aborted the connection), and every request started has been answered.
+   */
+  get ended(): Promise<void> {
+    return this.#ended.promise;
+  }
+
+  /** Requests served so far. */
+  get requests(): number {
+    return this.#session?.requests ?? 0;
+  }
+
+  /**
+   * Unmounts and waits until every request in flight has been answered. While the file is in
+   * use (a loop device on it, an open descriptor) unmounting is retried for `graceMs`; then it
+   * throws a MountError (EBUSY) and the export goes on serving, unless `force` is set, which
+   * aborts the connection. Idempotent once it has succeeded.
+   */
+  close(options: FuseCloseOptions = {}): Promise<void> {
+    if (this.#running === null) return Promise.resolve();
+    if (this.#closing !== null) {
+      // A close still waiting for users to let go: `force` ends the wait now.
+      if (options.force && !this.#endedFlag) this.#abort();
+      return this.#closing;
+    }
+    const closing = this.#unmount(options).then(() => this.#running!);
+    this.#closing = closing;
+    closing.catch(() => {
+      if (this.#closing === closing) this.#closing = null; // still mounted: may be retried
+    });
+    return closing;
+  }
+
+  async #unmount({ graceMs = 5000, force = false }: FuseCloseOptions): Promise<void> {
+    const path = this.#mountPoint!;
+    const deadline = Date.now() + graceMs;
+    for (;;) {
+      if (this.#endedFlag) return;
+      try {
+        await unmount(path);
+        return;
+      } catch (e) {
+        const detached = e instanceof SysError && e.errno === EINVAL; // unmounted elsewhere
+        if (!detached && !(e instanceof MountError)) throw e;
+        if (Date.now() >= deadline) {
+          if (force) {
+            this.#log.warn("still in use: aborting the connection", { error: String(e) });
+            this.#abort();
+            return;
+          }
+          throw detached
+            ? new MountError(
+              16,
+              `Cannot close the FUSE export "${this.path}": it was unmounted lazily and is ` +
+                `still in use (an attached loop device or an open descriptor)`,
+            )
+            : e;
+        }
+        await sleep(100);
+      }
+    }
+  }
+
+  /** Aborts this export's connection (requests waiting on it fail) and unmounts lazily. */
+  #abort(): void {
+    if (this.#mount !== null) {
+      try {
+        abortConnection(this.#mount);
+      } catch (e) {
+        this.#log.warn("could not abort the FUSE connection", { error: String(e) });
+      }
+    }
+    try {
+      unmountLazily(this.#mountPoint!);
+    } catch { /* already unmounted */ }
+  }
+}

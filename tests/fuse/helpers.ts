@@ -1,0 +1,267 @@
+/**
+ * Helpers for the FUSE tests: `tapd serve SPEC --fuse PATH` as a child process (the mount is
+ * served by another process, so the test may use the file with blocking calls), loop devices,
+ * ext4 trees with checksums, and the checks for stuck mounts and D-state processes.
+ */
+import assert from "node:assert/strict";
+import { describe, ROOT, run, runOk, sleep } from "../nbd/helpers.ts";
+import { loopUnavailable } from "../util.ts";
+import { findMount, resolveMountPoint } from "../../fuse/mount.ts";
+
+export { describe, ROOT, run, runOk, sleep };
+export const KiB = 1024, MiB = 1024 * KiB;
+
+/** Why FUSE mounts cannot be tested here, or null. */
+export function fuseUnavailable(): string | null {
+  if (Deno.uid() !== 0) return "needs root";
+  try {
+    Deno.statSync("/dev/fuse");
+  } catch {
+    return "no /dev/fuse";
+  }
+  return null;
+}
+
+let loopReason: string | null | undefined;
+/** Why FUSE + loop devices cannot be tested here, or null. */
+export function fuseLoopUnavailable(): string | null {
+  const fuse = fuseUnavailable();
+  if (fuse !== null) return fuse;
+  loopReason ??= loopUnavailable();
+  return loopReason;
+}
+
+/** A running `tapd serve SPEC --fuse PATH`. */
+export class FuseServe {
+  readonly #child: Deno.ChildProcess;
+  readonly path: string;
+  #stderr = "";
+  readonly #status: Promise<Deno.CommandStatus>;
+  readonly #drained: Promise<void>;
+
+  private constructor(child: Deno.ChildProcess, path: string, onLine: (line: string) => void) {
+    this.#child = child;
+    this.path = path;
+    this.#status = child.status;
+    const dec = new TextDecoder();
+    const out = (async () => {
+      let buf = "";
+      try {
+        for await (const chunk of child.stdout) {
+          buf += dec.decode(chunk, { stream: true });
+          let nl;
+          while ((nl = buf.indexOf("\n")) >= 0) {
+            onLine(buf.slice(0, nl));
+            buf = buf.slice(nl + 1);
+          }
+        }
+      } catch { /* gone */ }
+    })();
+    const err = (async () => {
+      try {
+        for await (const chunk of child.stderr) {
+          this.#stderr = (this.#stderr + dec.decode(chunk, { stream: true })).slice(-64 * KiB);
+        }
+      } catch { /* gone */ }
+    })();
+    this.#drained = Promise.all([out, err]).then(() => {});
+  }
+
+  /** Starts it and waits (up to 20 s) until it prints the mount path. */
+  static async start(
+    spec: string,
+    path: string,
+    { readOnly = false, extra = [] as string[] } = {},
+  ): Promise<FuseServe> {
+    const args = ["serve", spec, "--fuse", path, ...(readOnly ? ["--read-only"] : []), ...extra];
+    const child = new Deno.Command(`${ROOT}tapd`, {
+      args,
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+      env: { TAPD_LOG_LEVEL: "info" },
+    }).spawn();
+    let ready!: () => void;
+    const printed = new Promise<void>((resolve) => ready = resolve);
+    const serve = new FuseServe(child, path, (line) => {
+      if (line === path) ready();
+    });
+    const timeout = sleep(20_000).then(() => "timeout" as const);
+    const exited = serve.#status.then(() => "exited" as const);
+    const outcome = await Promise.race([printed.then(() => "ready" as const), exited, timeout]);
+    if (outcome !== "ready") {
+      if (outcome === "timeout") serve.kill();
+      const status = await serve.#status;
+      await serve.#drained;
+      throw new Error(
+        `tapd ${args.join(" ")} did not mount (${outcome}, exit ${status.code}):\n${serve.stderr}`,
+      );
+    }
+    return serve;
+  }
+
+  get pid(): number {
+    return this.#child.pid;
+  }
+
+  get stderr(): string {
+    return this.#stderr;
+  }
+
+  signal(sig: Deno.Signal): void {
+    try {
+      this.#child.kill(sig);
+    } catch { /* already gone */ }
+  }
+
+  kill(): void {
+    this.signal("SIGKILL");
+  }
+
+  /** Waits for the exit (killing it after `timeoutMs`). */
+  async wait(timeoutMs = 30_000): Promise<Deno.CommandStatus> {
+    const timer = setTimeout(() => this.kill(), timeoutMs);
+    try {
+      const status = await this.#status;
+      await this.#drained;
+      return status;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** SIGTERM, then the exit status; fails the test unless it exits 0. */
+  async stop(): Promise<void> {
+    this.signal("SIGTERM");
+    const status = await this.wait();
+    assert.equal(status.code, 0, `tapd serve exited ${status.code}:\n${this.#stderr}`);
+  }
+}
+
+/** Serves `spec` at `path` for `fn`; stopped cleanly afterwards (killed if `fn` throws). */
+export async function withFuse<T>(
+  spec: string,
+  path: string,
+  fn: (serve: FuseServe) => Promise<T>,
+  options: { readOnly?: boolean } = {},
+): Promise<T> {
+  const serve = await FuseServe.start(spec, path, options);
+  let ok = false;
+  try {
+    const result = await fn(serve);
+    ok = true;
+    return result;
+  } finally {
+    if (ok) await serve.stop();
+    else {
+      serve.kill();
+      await serve.wait();
+      await cleanupMount(path);
+    }
+  }
+}
+
+/** After a failure: lazily unmount whatever is left at `path`. */
+export async function cleanupMount(path: string): Promise<void> {
+  for (let i = 0; i < 3 && findMount(resolveMountPoint(path)) !== null; i++) {
+    await run("umount", ["-l", path]);
+  }
+}
+
+/** Attaches a loop device in direct-I/O mode; returns its path. */
+export async function loopAttach(file: string): Promise<string> {
+  const r = await runOk("losetup", ["--direct-io=on", "--find", "--show", file]);
+  const dev = r.stdout.trim();
+  const dio = (await runOk("losetup", ["--list", "--noheadings", "--output", "DIO", dev])).stdout;
+  assert.equal(dio.trim(), "1", `${dev} is not in direct-I/O mode`);
+  return dev;
+}
+
+export async function loopDetach(dev: string): Promise<void> {
+  await runOk("losetup", ["-d", dev]);
+}
+
+/** Files of the test tree: relative path → contents (seeded, varied sizes). */
+export function makeTree(seed: number, files = 40): Map<string, Uint8Array> {
+  const tree = new Map<string, Uint8Array>();
+  let x = seed >>> 0 || 1;
+  const next = () => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return (x >>> 0) / 0x100000000;
+  };
+  for (let i = 0; i < files; i++) {
+    const size = i % 7 === 0 ? Math.floor(next() * 3 * MiB) : Math.floor(next() * 64 * KiB);
+    const data = new Uint8Array(size);
+    for (let j = 0; j < size; j += 4) {
+      const w = Math.floor(next() * 0x100000000);
+      data[j] = w & 0xff;
+      if (j + 1 < size) data[j + 1] = (w >>> 8) & 0xff;
+      if (j + 2 < size) data[j + 2] = (w >>> 16) & 0xff;
+      if (j + 3 < size) data[j + 3] = w >>> 24;
+    }
+    tree.set(`d${i % 5}/sub${i % 3}/f${i}.bin`, data);
+  }
+  return tree;
+}
+
+async function sha256(data: Uint8Array<ArrayBuffer>): Promise<string> {
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", data));
+  return Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** Writes the tree under `dir` and returns each file's checksum. */
+export async function writeTree(
+  dir: string,
+  tree: Map<string, Uint8Array>,
+): Promise<Map<string, string>> {
+  const sums = new Map<string, string>();
+  for (const [name, data] of tree) {
+    const path = `${dir}/${name}`;
+    await Deno.mkdir(path.slice(0, path.lastIndexOf("/")), { recursive: true });
+    await Deno.writeFile(path, data);
+    sums.set(name, await sha256(new Uint8Array(data)));
+  }
+  return sums;
+}
+
+/** Checks every file under `dir` against the checksums. */
+export async function verifyTree(dir: string, sums: Map<string, string>): Promise<void> {
+  for (const [name, sum] of sums) {
+    const data = await Deno.readFile(`${dir}/${name}`);
+    assert.equal(await sha256(data), sum, `checksum of ${name}`);
+  }
+}
+
+/** Processes in uninterruptible sleep (D state) right now: "pid comm" each. */
+export function dStateProcesses(): string[] {
+  const found: string[] = [];
+  for (const entry of Deno.readDirSync("/proc")) {
+    if (!/^\d+$/.test(entry.name)) continue;
+    try {
+      const stat = Deno.readTextFileSync(`/proc/${entry.name}/stat`);
+      const close = stat.lastIndexOf(")");
+      if (stat[close + 2] === "D") found.push(`${entry.name} ${stat.slice(0, close + 1)}`);
+    } catch { /* exited */ }
+  }
+  return found;
+}
+
+/** A sparse raw image of `size` bytes. */
+export function rawImage(path: string, size: number): void {
+  const f = Deno.openSync(path, { create: true, write: true, truncate: true });
+  f.truncate(size);
+  f.close();
+}
+
+/** An empty regular file to mount on. */
+export function mountPointFile(path: string): string {
+  Deno.writeFileSync(path, new Uint8Array(0));
+  return path;
+}
+
+/** Bytes allocated to a file (st_blocks × 512). */
+export function allocated(path: string): number {
+  return (Deno.statSync(path).blocks ?? 0) * 512;
+}
