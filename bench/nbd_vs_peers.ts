@@ -6,6 +6,7 @@
  *             `qemu-nbd -f raw RAW` (its defaults: page cache, thread pool) · `nbdkit file RAW`
  *   (b) qcow: `tapd serve tap:qcow:IMG.qcow` · `qemu-nbd -f qcow --cache=none --aio=native
  *             IMG.qcow` · `qemu-nbd -f qcow2 --cache=none --aio=native IMG.qcow2`
+ *   (c) vmdk, vhd: `tapd serve tap:vmdk:IMG.vmdk` and `tap:vhd:IMG.vhd` · qemu-nbd on IMG.qcow2
  *
  * The raw file is filled with data by fio; the qcow and qcow2 images are `qemu-img convert`ed
  * from it (fully allocated, same data). Every server is started for its runs and stopped after,
@@ -15,7 +16,7 @@
  * is cached: their figures are not disk figures.
  *
  *   deno task bench:nbd [--seconds 10] [--rounds 3] [--size 1G] [--dir /var/tmp]
- *                       [--only raw|qcow] [--engine aio|uring] [--json]
+ *                       [--only raw|qcow|vmdk] [--engine aio|uring] [--json]
  */
 import { parseArgs } from "node:util";
 import { median, ROOT, run } from "./common.ts";
@@ -64,6 +65,7 @@ async function exists(path: string): Promise<boolean> {
 
 const base = `${values.dir}/tapd-bench-nbd-${human(size)}`;
 const RAW = `${base}.img`, QCOW = `${base}.qcow`, QCOW2 = `${base}.qcow2`;
+const VMDK = `${base}.vmdk`, VHD = `${base}.vhd`;
 
 async function ensureImages(): Promise<void> {
   const rawOk = (await exists(RAW)) && (await Deno.stat(RAW)).size === size;
@@ -79,10 +81,11 @@ async function ensureImages(): Promise<void> {
       "--ioengine=libaio",
       "--iodepth=16",
     ]);
-    for (const f of [QCOW, QCOW2]) await Deno.remove(f).catch(() => {});
+    for (const f of [QCOW, QCOW2, VMDK, VHD]) await Deno.remove(f).catch(() => {});
   }
   if (values.only !== "raw") {
-    for (const [path, format] of [[QCOW, "qcow"], [QCOW2, "qcow2"]]) {
+    const images = [[QCOW, "qcow"], [QCOW2, "qcow2"], [VMDK, "vmdk"], [VHD, "vpc"]];
+    for (const [path, format] of images) {
       if (await exists(path)) continue;
       log(`creating ${path} (qemu-img convert -O ${format}) ...`);
       await run("qemu-img", ["convert", "-f", "raw", "-O", format, RAW, path]);
@@ -146,6 +149,15 @@ const GROUPS: { name: string; peers: Peer[]; ratios: [number, number][] }[] = [
       qemuNbd("qemu-nbd qcow2 direct", "qcow2", QCOW2, true),
     ],
     ratios: [[0, 1], [0, 2]] as [number, number][],
+  },
+  {
+    name: `vmdk and vhd ${human(size)} (qemu-img made), against the same data as qcow2`,
+    peers: [
+      tapd(`tap:vmdk:${VMDK}`),
+      tapd(`tap:vhd:${VHD}`),
+      qemuNbd("qemu-nbd qcow2 direct", "qcow2", QCOW2, true),
+    ],
+    ratios: [[0, 2], [1, 2]] as [number, number][],
   },
 ].filter((g) => !values.only || g.name.startsWith(values.only));
 

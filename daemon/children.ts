@@ -45,6 +45,7 @@ export class TapdiskChild {
   readonly #log: Logger;
   #seq = 0;
   #gone: ExitInfo | null = null;
+  #startError: string | null = null;
 
   constructor(tapdiskArgs: string[], log: Logger) {
     const launcher = tapdLauncher();
@@ -65,7 +66,6 @@ export class TapdiskChild {
       readyReject = reject;
     });
     this.ready.catch(() => {}); // observed by whoever awaits it
-    let startError: string | null = null;
     const reading = (async () => {
       for await (const line of readLines(process.stdout)) {
         let message;
@@ -77,7 +77,7 @@ export class TapdiskChild {
         }
         if ("event" in message) {
           if (message.event === "ready") readyResolve(message);
-          else startError = message.error;
+          else this.#startError = message.error;
         } else {
           const pending = this.#pending.get(message.seq);
           this.#pending.delete(message.seq);
@@ -89,7 +89,7 @@ export class TapdiskChild {
     this.exited = Promise.all([process.status, reading]).then(([status]) => {
       const info = { code: status.code, signal: status.signal, reason: exitReason(status) };
       this.#gone = info;
-      const error = new Error(startError ?? `tapdisk ${info.reason}`);
+      const error = new Error(this.#startError ?? `tapdisk ${info.reason}`);
       readyReject(error);
       for (const p of this.#pending.values()) p.reject(error);
       this.#pending.clear();
@@ -99,6 +99,11 @@ export class TapdiskChild {
 
   get running(): boolean {
     return this.#gone === null;
+  }
+
+  /** The child's "error" event: it could not start (and undid what it had started). */
+  get startError(): string | null {
+    return this.#startError;
   }
 
   /** Sends a command and waits for its reply (rejects if the child dies first). */

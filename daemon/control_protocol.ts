@@ -2,6 +2,7 @@
  * The control socket's protocol: one JSON request per line, one JSON reply per line, in order.
  *
  *   {"verb":"attach","spec":"tap:qcow:/v/a.qcow","nbd":["tcp:127.0.0.1:10810"],"readOnly":false}
+ *   {"verb":"attach","spec":"tap:aio:/v/b.img","fuse":"/run/tapd/b.img"}
  *   {"verb":"list"}   {"verb":"detach","id":1}   {"verb":"pause","id":1}   {"verb":"stats","id":1}
  *   {"verb":"resume","id":1,"reopen":"tap:qcow:/v/overlay.qcow"}
  *
@@ -15,7 +16,15 @@ export const VERBS = ["attach", "list", "detach", "pause", "resume", "stats"] as
 export type Verb = typeof VERBS[number];
 
 export type ControlRequest =
-  | { verb: "attach"; spec: string; nbd: string[]; ring: string | null; readOnly: boolean }
+  | {
+    verb: "attach";
+    spec: string;
+    nbd: string[];
+    ring: string | null;
+    /** A FUSE export: the regular file to mount the disk over. */
+    fuse: string | null;
+    readOnly: boolean;
+  }
   | { verb: "list" }
   | { verb: "detach" | "pause" | "stats"; id: number }
   | { verb: "resume"; id: number; reopen: string | null };
@@ -31,7 +40,7 @@ export interface DiskRecord {
   pid: number | null;
   spec: string;
   readOnly: boolean;
-  /** Bound export addresses: unix:PATH, tcp:HOST:PORT, ring:unix:PATH. */
+  /** Bound export addresses: unix:PATH, tcp:HOST:PORT, ring:unix:PATH, fuse:PATH. */
   exports: string[];
   /** NBD URIs for the exports (the default export, ""). */
   uris: string[];
@@ -115,6 +124,7 @@ export function parseRequest(line: string): ControlRequest {
         spec: field<string>(req, "spec", "string"),
         nbd: nbd as string[],
         ring: field<string | null>(req, "ring", "string", null),
+        fuse: field<string | null>(req, "fuse", "string", null),
         readOnly: field<boolean>(req, "readOnly", "boolean", false),
       };
     }

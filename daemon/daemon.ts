@@ -2,9 +2,11 @@
  * The daemon's disk table, as blktapctrl kept one: disk ids (small integers from 0, the lowest
  * free one first), each disk served by its own tapdisk child. A child that dies leaves its disk
  * in the table as failed, with the reason, until it is detached; the other disks are not
- * touched.
+ * touched. A dead child's FUSE mount is aborted by the daemon (nobody is left waiting on it).
  */
 import type { Logger } from "../cli/log.ts";
+import { abortFuseMount } from "../fuse/export.ts";
+import { findMount, FUSE_TYPE } from "../fuse/mount.ts";
 import { TapdiskChild } from "./children.ts";
 import {
   type ControlReply,
@@ -14,15 +16,22 @@ import {
   errorReply,
   RequestError,
 } from "./control_protocol.ts";
-import { checkNbd, checkRing, checkSpec } from "./validate.ts";
+import { checkFuseMountPoint, checkFusePath, checkNbd, checkRing, checkSpec } from "./validate.ts";
 
 /** How long a tapdisk may take to drain and close before it is killed. */
 export const STOP_TIMEOUT_MS = 30_000;
+/**
+ * After STOP_TIMEOUT_MS, a tapdisk with a FUSE file (most likely waiting for the file to be free)
+ * gets a second SIGTERM, which aborts the mount, and this long to flush and close the disk.
+ */
+const FORCE_TIMEOUT_MS = 5_000;
 
 export interface AttachRequest {
   spec: string;
   nbd: string[];
   ring: string | null;
+  /** A regular file to mount the disk over (FUSE), or null. */
+  fuse: string | null;
   readOnly: boolean;
 }
 
@@ -31,6 +40,8 @@ interface Entry {
   child: TapdiskChild;
   /** Socket files the child creates (removed if it dies without removing them). */
   sockets: string[];
+  /** The FUSE mount point (resolved), aborted if the child dies with it mounted. */
+  fuse: string | null;
 }
 
 /** Resolves true when `p` settles within `ms`, false otherwise. */
@@ -94,17 +105,20 @@ export class Daemon {
     const spec = checkSpec(req.spec);
     let nbd = checkNbd(req.nbd);
     const ring = req.ring === null ? null : checkRing(req.ring);
+    const fuse = req.fuse === null ? null : checkFusePath(req.fuse);
     let id = 0;
     while (this.#disks.has(id)) id++;
-    if (nbd.length === 0 && ring === null) {
+    if (nbd.length === 0 && ring === null && fuse === null) {
       Deno.mkdirSync(`${this.stateDir}/nbd`, { recursive: true });
       nbd = [`unix:${this.stateDir}/nbd/${id}.sock`];
     }
     const wanted = [...nbd, ...(ring === null ? [] : [`unix:${ring}`])];
-    this.#checkFree(wanted);
+    this.#checkFree([...wanted, ...(fuse === null ? [] : [`fuse:${fuse}`])]);
+    if (fuse !== null) checkFuseMountPoint(fuse);
     const args = [spec, "--export-name", String(id)];
     for (const address of nbd) args.push("--nbd", address);
     if (ring !== null) args.push("--ring", `unix:${ring}`);
+    if (fuse !== null) args.push("--fuse", fuse);
     if (req.readOnly) args.push("--read-only");
     const log = this.#log.with({ disk: id });
     const child = new TapdiskChild(args, log);
@@ -115,13 +129,18 @@ export class Daemon {
         pid: child.pid,
         spec,
         readOnly: req.readOnly,
-        exports: [...nbd, ...(ring === null ? [] : [`ring:unix:${ring}`])],
+        exports: [
+          ...nbd,
+          ...(ring === null ? [] : [`ring:unix:${ring}`]),
+          ...(fuse === null ? [] : [`fuse:${fuse}`]),
+        ],
         uris: [],
         size: null,
         reason: null,
       },
       child,
       sockets: wanted.filter((a) => a.startsWith("unix:")).map((a) => a.slice(5)),
+      fuse,
     };
     this.#disks.set(id, entry);
     log.info("starting tapdisk", { tapdiskPid: child.pid, spec });
@@ -163,6 +182,7 @@ export class Daemon {
 
   #exited(entry: Entry, reason: string): void {
     for (const path of entry.sockets) removeSocket(path);
+    if (entry.fuse !== null) this.#abortFuse(entry);
     const record = entry.record;
     record.pid = null;
     if (this.#disks.get(record.id) !== entry) return; // detached, or never started
@@ -170,6 +190,29 @@ export class Daemon {
     record.state = "failed";
     record.reason = `tapdisk ${reason}`;
     this.#log.error("tapdisk died: the disk has failed", { disk: record.id, reason });
+  }
+
+  /**
+   * A child gone with its FUSE file still mounted (killed): the kernel has ended the connection,
+   * but the dead mount stays on the path and a loop device on it may wait forever. Abort it
+   * (every waiting request fails) and unmount it lazily, so that the path can be mounted again.
+   */
+  #abortFuse(entry: Entry): void {
+    const path = entry.fuse!;
+    // A child that could not start has undone its own mount; whatever is there is not ours.
+    if (entry.child.startError !== null) return;
+    try {
+      if (findMount(path)?.fsType !== FUSE_TYPE) return;
+      if (abortFuseMount(path)) {
+        this.#log.warn("aborted the FUSE mount of a dead tapdisk", { disk: entry.record.id, path });
+      }
+    } catch (e) {
+      this.#log.error("cannot abort the FUSE mount of a dead tapdisk", {
+        disk: entry.record.id,
+        path,
+        error: (e as Error).message,
+      });
+    }
   }
 
   #entry(id: number): Entry {
@@ -223,25 +266,47 @@ export class Daemon {
     return { id, ...reply.stats };
   }
 
+  /**
+   * Stops the disk's tapdisk. A stop it refuses because its FUSE file is in use (a loop device,
+   * an open descriptor) is an error reply, and the disk goes on serving in the state it was in.
+   */
   async detach(id: number): Promise<void> {
     const entry = this.#entry(id);
-    if (entry.record.state === "stopping") throw new RequestError(`disk ${id} is being detached`);
-    if (entry.record.state !== "failed") {
+    const state = entry.record.state;
+    if (state === "stopping") throw new RequestError(`disk ${id} is being detached`);
+    if (state !== "failed") {
       entry.record.state = "stopping";
-      await this.#stop(entry, () => entry.child.request({ cmd: "stop" }).catch(() => {}));
+      const deadline = Date.now() + STOP_TIMEOUT_MS;
+      const reply = entry.child.request({ cmd: "stop" }).catch(() => null);
+      if (await within(reply, STOP_TIMEOUT_MS)) {
+        const r = await reply;
+        if (r !== null && !r.ok && r.serving === true && entry.child.running) {
+          if (entry.record.state === "stopping") entry.record.state = state;
+          throw new RequestError(`detach disk ${id}: ${r.error} (the disk is still served)`);
+        }
+      }
+      await this.#stop(entry, () => {}, Math.max(0, deadline - Date.now()));
     }
     this.#disks.delete(id);
     this.#log.info("detached", { disk: id });
   }
 
-  /** Asks a child to stop, waits for it (killing it after STOP_TIMEOUT_MS). */
-  async #stop(entry: Entry, ask: () => unknown): Promise<void> {
+  /**
+   * Asks a child to stop and waits for it: after `timeoutMs`, a second SIGTERM if it has a FUSE
+   * file (it aborts the mount, then flushes and closes), then SIGKILL.
+   */
+  async #stop(entry: Entry, ask: () => unknown, timeoutMs = STOP_TIMEOUT_MS): Promise<void> {
     ask();
-    if (!await within(entry.child.exited, STOP_TIMEOUT_MS)) {
-      this.#log.warn("tapdisk did not stop in time: killing it", { disk: entry.record.id });
-      entry.child.kill("SIGKILL");
-      await entry.child.exited;
+    if (await within(entry.child.exited, timeoutMs)) return;
+    const disk = entry.record.id;
+    if (entry.fuse !== null) {
+      this.#log.warn("tapdisk did not stop in time: aborting its FUSE mount", { disk });
+      entry.child.kill("SIGTERM");
+      if (await within(entry.child.exited, FORCE_TIMEOUT_MS)) return;
     }
+    this.#log.warn("tapdisk did not stop in time: killing it", { disk });
+    entry.child.kill("SIGKILL");
+    await entry.child.exited;
   }
 
   /** SIGTERM to every tapdisk (each drains, flushes, closes), waits for them all. */

@@ -37,13 +37,17 @@ async function run(server: TapdiskServer, c: TapdiskCommand): Promise<TapdiskRep
         return { seq: c.seq, ok: true };
     }
   } catch (e) {
-    return { seq: c.seq, ok: false, error: (e as Error).message.split("\n")[0] };
+    const error = (e as Error).message.split("\n")[0];
+    // A stop refused because the FUSE file is in use: the disk serves on.
+    if (c.cmd === "stop" && server.serving) return { seq: c.seq, ok: false, error, serving: true };
+    return { seq: c.seq, ok: false, error };
   }
 }
 
 /**
  * Serves commands until a stop command has been carried out or stdin ends (the daemon is gone);
- * resolves with which.
+ * resolves with which. A stop refused because the FUSE file is in use is answered with
+ * `serving: true`, and commands go on being served.
  */
 export async function runStdioControl(
   server: TapdiskServer,
@@ -64,10 +68,14 @@ export async function runStdioControl(
       sendToDaemon(await run(server, command));
       continue;
     }
-    const done = queue.then(() => run(server, command)).then(sendToDaemon);
+    const done = queue.then(() => run(server, command)).then((reply) => {
+      sendToDaemon(reply);
+      return reply;
+    });
     queue = done;
     if (command.cmd === "stop") {
-      await done;
+      const reply = await done;
+      if (!reply.ok && reply.serving) continue;
       return "stop";
     }
   }

@@ -7,6 +7,8 @@
  *   tapdisk → daemon   {"event":"ready","size":…,"exports":[…],"uris":[…]}   once serving
  *                      {"event":"error","error":"…"}                          could not start
  *                      {"seq":3,"ok":true}  {"seq":5,"ok":true,"stats":{…}}  {"seq":4,"ok":false,"error":"…"}
+ *                      {"seq":6,"ok":false,"error":"…","serving":true}   a stop that did not happen
+ *                                                    (the FUSE file is in use): the disk serves on
  *
  * End of stdin means the daemon is gone: the child stops as on SIGTERM.
  */
@@ -25,13 +27,20 @@ export interface TapdiskCommand {
 export interface ReadyEvent {
   event: "ready";
   size: number;
+  /** ring:unix:PATH, unix:PATH, tcp:HOST:PORT (the bound port), fuse:PATH. */
   exports: string[];
   uris: string[];
 }
 
 export type TapdiskReply =
   | { seq: number; ok: true; stats?: GateStats }
-  | { seq: number; ok: false; error: string };
+  | {
+    seq: number;
+    ok: false;
+    error: string;
+    /** stop only: nothing was stopped, the disk is still served (its FUSE file is in use). */
+    serving?: boolean;
+  };
 
 export type TapdiskMessage = ReadyEvent | { event: "error"; error: string } | TapdiskReply;
 

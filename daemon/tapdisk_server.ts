@@ -1,9 +1,11 @@
 /**
- * One disk served by one tapdisk process: the disk behind a DiskGate, exported on a blkif ring
- * and/or NBD listeners. pause/resume/stats act on the gate; stop() drains and closes everything.
+ * One disk served by one tapdisk process: the disk behind a DiskGate, exported on a blkif ring,
+ * NBD listeners and/or a FUSE file. pause/resume/stats act on the gate; stop() unmounts the FUSE
+ * file, then drains and closes everything else.
  */
 import type { Logger } from "../cli/log.ts";
 import { openDisk } from "../drivers/mod.ts";
+import { type FuseCloseOptions, FuseExport } from "../fuse/export.ts";
 import type { EngineKind } from "../io/engine.ts";
 import { formatNbdAddress, type NbdAddress, nbdUri } from "../nbd/address.ts";
 import { NbdServer } from "../nbd/server.ts";
@@ -17,13 +19,15 @@ export interface TapdiskOptions {
   /** A Unix socket path for the blkif ring, or null. */
   ring: string | null;
   nbd: NbdAddress[];
+  /** A regular file to mount the disk over (FUSE), or null. */
+  fuse: string | null;
   exportName: string;
   log: Logger;
 }
 
 export interface Serving {
   size: number;
-  /** ring:unix:PATH, unix:PATH, tcp:HOST:PORT (the bound port). */
+  /** ring:unix:PATH, unix:PATH, tcp:HOST:PORT (the bound port), fuse:PATH. */
   exports: string[];
   uris: string[];
 }
@@ -34,6 +38,7 @@ export class TapdiskServer {
   #gate: DiskGate | null = null;
   #nbd: NbdServer | null = null;
   #ring: LocalRingListener | null = null;
+  #fuse: FuseExport | null = null;
   #ringServing: Promise<void> = Promise.resolve();
   #stopping: Promise<void> | null = null;
 
@@ -72,12 +77,33 @@ export class TapdiskServer {
           uris.push(nbdUri(bound));
         }
       }
+      if (o.fuse !== null) {
+        const fuse = new FuseExport(gate, o.fuse, {
+          readOnly: o.readOnly,
+          // Other exports write behind the file's page cache: the file must not cache.
+          directIo: o.nbd.length > 0 || o.ring !== null,
+          log: this.#log.with({ component: "fuse" }),
+        });
+        await fuse.mount();
+        this.#fuse = fuse;
+        exports.push(`fuse:${o.fuse}`);
+        fuse.ended.then(() => {
+          if (this.#stopping === null) {
+            this.#log.warn("the FUSE file was unmounted from outside", { mount: o.fuse });
+          }
+        });
+      }
     } catch (e) {
       await this.stop();
       throw e;
     }
     this.#log.info("serving", { spec: o.spec, size: gate.size, exports: exports.join(" ") });
     return { size: gate.size, exports, uris };
+  }
+
+  /** True from start() until a stop begins (again after a stop refused for a busy FUSE file). */
+  get serving(): boolean {
+    return this.#gate !== null && this.#stopping === null;
   }
 
   #requireGate(): DiskGate {
@@ -120,15 +146,32 @@ export class TapdiskServer {
   }
 
   /**
-   * Stops accepting, lets the requests in flight (and any held by a pause) finish, flushes and
-   * closes the disk. Idempotent: every call resolves when the one stop has finished.
+   * Unmounts the FUSE file first (`fuse`: how long to wait while it is in use, or abort it);
+   * then stops accepting, lets the requests in flight (and any held by a pause) finish, flushes
+   * and closes the disk. While the FUSE file is in use after the grace time it rejects with a
+   * one-line MountError (EBUSY) having touched nothing else: the disk goes on serving, and
+   * stop() may be called again. Otherwise every call resolves when the one stop has finished;
+   * a call with `fuse.force` while a stop waits for the file aborts the FUSE connection.
    */
-  stop(): Promise<void> {
-    this.#stopping ??= this.#stop();
-    return this.#stopping;
+  stop(fuse: FuseCloseOptions = {}): Promise<void> {
+    if (this.#stopping !== null) {
+      if (fuse.force) this.#fuse?.close({ force: true }).catch(() => {});
+      return this.#stopping;
+    }
+    const stopping = this.#stopping = this.#stop(fuse);
+    return stopping;
   }
 
-  async #stop(): Promise<void> {
+  async #stop(fuseOptions: FuseCloseOptions): Promise<void> {
+    if (this.#fuse !== null) {
+      try {
+        // Before anything else: if the file is in use, nothing has been stopped yet.
+        await this.#fuse.close(fuseOptions);
+      } catch (e) {
+        this.#stopping = null;
+        throw e;
+      }
+    }
     const gate = this.#gate;
     this.#ring?.stop();
     if (gate?.paused) await gate.resume(); // held requests were accepted: let them complete

@@ -1,5 +1,6 @@
 /** Checks what a control request names — disk specs, paths, export addresses — before acting. */
 import { parseDiskSpec } from "../drivers/mod.ts";
+import { checkMountPoint, resolveMountPoint } from "../fuse/mount.ts";
 import { formatNbdAddress, type NbdAddress, parseNbdAddress } from "../nbd/address.ts";
 import { RequestError } from "./control_protocol.ts";
 
@@ -51,6 +52,32 @@ export function checkRing(text: string): string {
   const path = text.slice(5);
   checkSocketPath(path);
   return path;
+}
+
+/**
+ * A FUSE mount point: an absolute path (returned with its directories resolved, so that two
+ * spellings of one file compare equal). Whether it can be mounted on: checkFuseMountPoint.
+ */
+export function checkFusePath(path: string): string {
+  if (!path.startsWith("/")) {
+    throw new RequestError(
+      `FUSE path "${path}" is not absolute (the daemon has no working directory to resolve it in)`,
+    );
+  }
+  try {
+    return resolveMountPoint(path);
+  } catch (e) {
+    throw new RequestError(message(e));
+  }
+}
+
+/** An existing regular file with nothing mounted on it (fuse/mount.ts's one-line errors). */
+export function checkFuseMountPoint(path: string): void {
+  try {
+    checkMountPoint(path);
+  } catch (e) {
+    throw new RequestError(message(e));
+  }
 }
 
 function checkSocketPath(path: string): void {

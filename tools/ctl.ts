@@ -11,7 +11,7 @@ import { defaultControlSocket } from "../daemon/paths.ts";
 import { parseDiskSpec } from "../drivers/mod.ts";
 
 const OPTIONS_OF: Readonly<Record<string, readonly string[]>> = {
-  attach: ["nbd", "ring", "read-only", "json"],
+  attach: ["nbd", "ring", "fuse", "read-only", "json"],
   list: ["json"],
   detach: [],
   pause: ["json"],
@@ -49,8 +49,9 @@ function diskId(text: string | undefined, verb: string): number {
 
 function describe(d: DiskRecord): string {
   const size = d.size === null ? "" : `, ${formatSize(d.size)}`;
-  const ring = d.exports.filter((e) => e.startsWith("ring:")).map((e) => `  ${e}`);
-  return [`disk ${d.id}: ${d.state} (${d.spec}${size})`, ...d.uris.map((u) => `  ${u}`), ...ring]
+  const other = d.exports.filter((e) => e.startsWith("ring:") || e.startsWith("fuse:"))
+    .map((e) => `  ${e}`);
+  return [`disk ${d.id}: ${d.state} (${d.spec}${size})`, ...d.uris.map((u) => `  ${u}`), ...other]
     .join("\n");
 }
 
@@ -59,13 +60,15 @@ export const ctlCommand: Command = {
   summary: "control a running tapd daemon: attach, list, detach, pause, resume, stats",
   usage: `Usage: tapd ctl [--control SOCK] COMMAND [ARGUMENTS]
 
-  attach SPEC [--nbd ADDR …] [--ring unix:PATH] [--read-only]
+  attach SPEC [--nbd ADDR …] [--ring unix:PATH] [--fuse PATH] [--read-only]
                       serve the disk SPEC (tap:TYPE:PATH) in a new tapdisk process; prints its
-                      ID. ADDR: unix:PATH or tcp:HOST[:PORT]. With no --nbd and no --ring it is
-                      served over NBD on STATE_DIR/nbd/ID.sock.
+                      ID. ADDR: unix:PATH or tcp:HOST[:PORT]. --fuse PATH mounts the disk over
+                      the existing regular file PATH (use it with losetup --direct-io=on). With
+                      no export given it is served over NBD on STATE_DIR/nbd/ID.sock.
   list [--json]       the disks: ID, state (starting, running, paused, stopping, failed), the
                       tapdisk's PID, size, spec, exports, and why a failed disk failed
-  detach ID           stop serving (requests in flight finish, the disk is flushed and closed)
+  detach ID           stop serving (requests in flight finish, the disk is flushed and closed);
+                      refused while its FUSE file is in use (detach the loop device first)
   pause ID            finish the requests in flight, flush, and hold new ones
   resume ID [--reopen SPEC]
                       serve held and new requests again; with --reopen, on the image SPEC
@@ -83,6 +86,7 @@ export const ctlCommand: Command = {
       control: { type: "string" },
       nbd: { type: "string", multiple: true },
       ring: { type: "string" },
+      fuse: { type: "string" },
       "read-only": { type: "boolean" },
       reopen: { type: "string" },
       json: { type: "boolean", default: false },
@@ -95,7 +99,7 @@ export const ctlCommand: Command = {
         `ctl: unknown command "${verb}": expected one of ${Object.keys(OPTIONS_OF).join(", ")}`,
       );
     }
-    for (const name of ["nbd", "ring", "read-only", "reopen"] as const) {
+    for (const name of ["nbd", "ring", "fuse", "read-only", "reopen"] as const) {
       if (values[name] !== undefined && !allowed.includes(name)) {
         throw new UsageError(`ctl: ${verb} takes no --${name}`);
       }
@@ -116,6 +120,7 @@ export const ctlCommand: Command = {
           spec: absoluteSpec(rest[0]),
           nbd: (values.nbd ?? []).map(absoluteAddress),
           ring: values.ring === undefined ? null : absoluteAddress(values.ring),
+          fuse: values.fuse === undefined ? null : absolute(values.fuse),
           readOnly: values["read-only"] ?? false,
         };
         break;

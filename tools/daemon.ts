@@ -73,6 +73,7 @@ async function attachDefault(daemon: Daemon, dir: string, port: number, log: Log
       spec: `tap:qcow:${image}`,
       nbd: [`tcp:127.0.0.1:${port}`, `unix:${dir}/nbd/default.sock`],
       ring: null,
+      fuse: null,
       readOnly: false,
     });
   } catch (e) {

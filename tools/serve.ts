@@ -6,6 +6,7 @@
 import { parseChoice, parseCommandLine } from "../cli/args.ts";
 import { type Command, UsageError } from "../cli/command.ts";
 import { createLogger } from "../cli/log.ts";
+import { SignalQueue } from "../cli/signals.ts";
 import { openDisk } from "../drivers/mod.ts";
 import { ENGINE_KINDS } from "../io/engine.ts";
 import { formatNbdAddress, nbdUri, parseNbdAddress } from "../nbd/address.ts";
@@ -107,35 +108,6 @@ Examples:
     return 0;
   },
 };
-
-/** SIGTERM and SIGINT as a queue: `next()` resolves at the next one (or one not yet taken). */
-class SignalQueue implements Disposable {
-  #pending = 0;
-  #waiters: (() => void)[] = [];
-  readonly #on = () => {
-    const wake = this.#waiters.shift();
-    if (wake !== undefined) wake();
-    else this.#pending++;
-  };
-
-  constructor() {
-    Deno.addSignalListener("SIGTERM", this.#on);
-    Deno.addSignalListener("SIGINT", this.#on);
-  }
-
-  next(): Promise<void> {
-    if (this.#pending > 0) {
-      this.#pending--;
-      return Promise.resolve();
-    }
-    return new Promise((resolve) => this.#waiters.push(resolve));
-  }
-
-  [Symbol.dispose](): void {
-    Deno.removeSignalListener("SIGTERM", this.#on);
-    Deno.removeSignalListener("SIGINT", this.#on);
-  }
-}
 
 /**
  * Unmounts the FUSE file. While it is in use, says so and goes on serving until it is free,

@@ -1,20 +1,23 @@
 /**
  * `tapd tapdisk`: one disk's server, as blktap's tapdisk was: opens the disk and serves it on a
- * blkif ring and/or NBD until SIGTERM, then finishes the requests in flight, flushes and exits 0.
- * Under the daemon (`--control stdio`) it also takes commands on stdin (daemon/tapdisk_control.ts).
+ * blkif ring, NBD and/or a FUSE file until SIGTERM, then unmounts the file, finishes the requests
+ * in flight, flushes and exits 0. Under the daemon (`--control stdio`) it also takes commands on
+ * stdin (daemon/tapdisk_control.ts).
  */
 import { parseChoice, parseCommandLine } from "../cli/args.ts";
 import { type Command, UsageError } from "../cli/command.ts";
-import { createLogger } from "../cli/log.ts";
+import { createLogger, type Logger } from "../cli/log.ts";
+import { SignalQueue } from "../cli/signals.ts";
 import { runStdioControl, sendToDaemon } from "../daemon/tapdisk_control.ts";
 import { TapdiskServer } from "../daemon/tapdisk_server.ts";
+import { MountError } from "../fuse/export.ts";
 import { ENGINE_KINDS } from "../io/engine.ts";
 import { parseNbdAddress } from "../nbd/address.ts";
 
 export const tapdiskCommand: Command = {
   name: "tapdisk",
-  summary: "serve one disk on a blkif shared ring and/or NBD until SIGTERM",
-  usage: `Usage: tapd tapdisk SPEC [--ring unix:PATH] [--nbd ADDR …] [--read-only]
+  summary: "serve one disk on a blkif shared ring, NBD and/or a FUSE file until SIGTERM",
+  usage: `Usage: tapd tapdisk SPEC [--ring unix:PATH] [--nbd ADDR …] [--fuse PATH] [--read-only]
                     [--export-name NAME] [--engine aio|uring|sync] [--control stdio]
 
 Opens the disk SPEC (tap:TYPE:PATH) and serves it until SIGTERM or SIGINT; give at least one
@@ -24,17 +27,22 @@ export:
                      (docs/ring.md); each connection is one ring.
   --nbd ADDR         an NBD listener, unix:PATH or tcp:HOST[:PORT] (repeatable); the export is
                      NAME (--export-name, default "") and the default export "".
+  --fuse PATH        mount the disk over the existing regular file PATH (docs/fuse.md); with
+                     --ring or --nbd too, the file bypasses the page cache.
   --control stdio    run under \`tapd daemon\`: JSON-line commands on stdin (pause, resume,
                      stats, stop), replies and a "ready" event on stdout (docs/daemon.md); end
                      of stdin stops the disk, SIGINT is left to the daemon.
 
-SIGTERM: stop accepting, finish the requests in flight (and any held by a pause), flush,
-close, exit 0.`,
+SIGTERM: unmount the FUSE file, stop accepting, finish the requests in flight (and any held
+by a pause), flush, close, exit 0. While the FUSE file is in use (a loop device, an open
+descriptor) it says so and goes on serving until the file is free; SIGTERM again aborts the
+mount (its users get I/O errors). A \`stop\` command is refused instead, and the disk serves on.`,
 
   async run(args: string[]): Promise<number> {
     const { values, positionals } = parseCommandLine("tapdisk", args, {
       ring: { type: "string" },
       nbd: { type: "string", multiple: true },
+      fuse: { type: "string" },
       "read-only": { type: "boolean", default: false },
       "export-name": { type: "string", default: "" },
       engine: { type: "string" },
@@ -47,8 +55,11 @@ close, exit 0.`,
       throw new UsageError(`tapdisk: invalid --ring "${values.ring}": expected unix:PATH`);
     }
     const nbd = (values.nbd ?? []).map((a) => parseNbdAddress(a));
-    if (values.ring === undefined && nbd.length === 0) {
-      throw new UsageError("tapdisk: give an export: --ring unix:PATH and/or --nbd ADDR");
+    if (values.fuse === "") throw new UsageError("tapdisk: --fuse needs a path");
+    if (values.ring === undefined && nbd.length === 0 && values.fuse === undefined) {
+      throw new UsageError(
+        "tapdisk: give an export: --ring unix:PATH, --nbd ADDR and/or --fuse PATH",
+      );
     }
     if (values.control !== undefined && values.control !== "stdio") {
       throw new UsageError(`tapdisk: invalid --control "${values.control}": expected stdio`);
@@ -68,16 +79,15 @@ close, exit 0.`,
       engine,
       ring: values.ring?.slice(5) ?? null,
       nbd,
+      fuse: values.fuse ?? null,
       exportName,
       log,
     });
 
-    let stopSignal!: () => void;
-    const signalled = new Promise<void>((resolve) => stopSignal = resolve);
+    // Under the daemon, SIGINT (a Ctrl-C in its terminal) is left to the daemon.
+    const signals = new SignalQueue(controlled ? ["SIGTERM"] : ["SIGTERM", "SIGINT"]);
     const ignore = () => log.info("SIGINT ignored: the daemon stops this disk");
-    const onInt = controlled ? ignore : stopSignal;
-    Deno.addSignalListener("SIGTERM", stopSignal);
-    Deno.addSignalListener("SIGINT", onInt);
+    if (controlled) Deno.addSignalListener("SIGINT", ignore);
     try {
       let serving;
       try {
@@ -90,17 +100,35 @@ close, exit 0.`,
       }
       if (controlled) {
         sendToDaemon({ event: "ready", ...serving });
-        await Promise.race([signalled, runStdioControl(server, log)]);
+        await Promise.race([signals.next(), runStdioControl(server, log)]);
       } else {
         for (const uri of serving.uris) console.log(uri);
-        await signalled;
+        for (const e of serving.exports) if (e.startsWith("fuse:")) console.log(e.slice(5));
+        await signals.next();
       }
       log.info("stopping");
-      await server.stop();
+      await stop(server, signals, log);
     } finally {
-      Deno.removeSignalListener("SIGTERM", stopSignal);
-      Deno.removeSignalListener("SIGINT", onInt);
+      signals[Symbol.dispose]();
+      if (controlled) Deno.removeSignalListener("SIGINT", ignore);
     }
     return 0;
   },
 };
+
+/**
+ * Stops the server. While its FUSE file is in use, says so and goes on serving until the file
+ * is free, or a further signal forces it (the FUSE connection is aborted).
+ */
+async function stop(server: TapdiskServer, signals: SignalQueue, log: Logger): Promise<void> {
+  try {
+    await server.stop();
+    return;
+  } catch (e) {
+    if (!(e instanceof MountError)) throw e;
+    log.error(`${e.message}; still serving: SIGTERM again aborts the mount`);
+  }
+  const stopping = server.stop({ graceMs: Infinity });
+  const forced = await Promise.race([stopping.then(() => false), signals.next().then(() => true)]);
+  if (forced) await server.stop({ force: true });
+}

@@ -265,3 +265,36 @@ export function mountPointFile(path: string): string {
 export function allocated(path: string): number {
   return (Deno.statSync(path).blocks ?? 0) * 512;
 }
+
+/** Whether anything is mounted at `path`. */
+export function isMounted(path: string): boolean {
+  return findMount(resolveMountPoint(path)) !== null;
+}
+
+/** Processes in D state waiting on FUSE (by their wait channel). */
+export function stuckOnFuse(): string[] {
+  const stuck: string[] = [];
+  for (const entry of Deno.readDirSync("/proc")) {
+    if (!/^\d+$/.test(entry.name)) continue;
+    try {
+      const stat = Deno.readTextFileSync(`/proc/${entry.name}/stat`);
+      if (stat[stat.lastIndexOf(")") + 2] !== "D") continue;
+      const wchan = Deno.readTextFileSync(`/proc/${entry.name}/wchan`);
+      const stack = (() => {
+        try {
+          return Deno.readTextFileSync(`/proc/${entry.name}/stack`);
+        } catch {
+          return "";
+        }
+      })();
+      if (/fuse|request_wait_answer/.test(wchan + stack)) stuck.push(`${entry.name} ${wchan}`);
+    } catch { /* exited */ }
+  }
+  return stuck;
+}
+
+/** Polls `cond` every 100 ms for up to `ms`. */
+export async function eventually(cond: () => boolean, ms: number): Promise<boolean> {
+  for (const end = Date.now() + ms; Date.now() < end; await sleep(100)) if (cond()) return true;
+  return cond();
+}

@@ -7,13 +7,14 @@
 import assert from "node:assert/strict";
 import { openDisk } from "../../drivers/mod.ts";
 import { abortFuseMount, FuseExport } from "../../fuse/export.ts";
-import { findMount, resolveMountPoint } from "../../fuse/mount.ts";
 import { withTempDir } from "../util.ts";
 import {
   cleanupMount,
+  eventually,
   fuseLoopUnavailable,
   FuseServe,
   fuseUnavailable,
+  isMounted,
   loopAttach,
   MiB,
   mountPointFile,
@@ -21,42 +22,11 @@ import {
   run,
   runOk,
   sleep,
+  stuckOnFuse,
 } from "./helpers.ts";
 
 const skipLoop = fuseLoopUnavailable();
 const skip = fuseUnavailable();
-
-function isMounted(path: string): boolean {
-  return findMount(resolveMountPoint(path)) !== null;
-}
-
-/** Processes in D state waiting on FUSE (by their wait channel). */
-function stuckOnFuse(): string[] {
-  const stuck: string[] = [];
-  for (const entry of Deno.readDirSync("/proc")) {
-    if (!/^\d+$/.test(entry.name)) continue;
-    try {
-      const stat = Deno.readTextFileSync(`/proc/${entry.name}/stat`);
-      if (stat[stat.lastIndexOf(")") + 2] !== "D") continue;
-      const wchan = Deno.readTextFileSync(`/proc/${entry.name}/wchan`);
-      const stack = (() => {
-        try {
-          return Deno.readTextFileSync(`/proc/${entry.name}/stack`);
-        } catch {
-          return "";
-        }
-      })();
-      if (/fuse|request_wait_answer/.test(wchan + stack)) stuck.push(`${entry.name} ${wchan}`);
-    } catch { /* exited */ }
-  }
-  return stuck;
-}
-
-/** Polls `cond` every 100 ms for up to `ms`. */
-async function eventually(cond: () => boolean, ms: number): Promise<boolean> {
-  for (const end = Date.now() + ms; Date.now() < end; await sleep(100)) if (cond()) return true;
-  return cond();
-}
 
 Deno.test({
   name: "SIGKILL of tapd serve mid-I/O: abortFuseMount leaves no stuck mount, remount works",
