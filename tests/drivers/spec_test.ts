@@ -97,8 +97,8 @@ Deno.test("parseDiskSpec: a bare path means aio", () => {
 });
 
 Deno.test("parseDiskSpec: an unknown type names the type and the known types", () => {
-  for (const text of ["tap:vhd:/x", "qcow9:/x"]) {
-    const type = text.startsWith("tap:") ? "vhd" : "qcow9";
+  for (const text of ["tap:qcow2:/x", "qcow9:/x"]) {
+    const type = text.startsWith("tap:") ? "qcow2" : "qcow9";
     assert.throws(
       () => parseDiskSpec(text),
       (e: unknown) => {
@@ -112,8 +112,8 @@ Deno.test("parseDiskSpec: an unknown type names the type and the known types", (
   }
 });
 
-Deno.test("parseDiskSpec: the known types are aio, sync, ram and qcow", () => {
-  assert.deepEqual([...DRIVERS.keys()].sort(), ["aio", "qcow", "ram", "sync"]);
+Deno.test("parseDiskSpec: the known types are aio, sync, ram, qcow, vmdk and vhd", () => {
+  assert.deepEqual([...DRIVERS.keys()].sort(), ["aio", "qcow", "ram", "sync", "vhd", "vmdk"]);
 });
 
 Deno.test("parseDiskSpec: a missing path is a SpecError", () => {

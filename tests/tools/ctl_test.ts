@@ -48,7 +48,7 @@ Deno.test("tapd daemon and tapdisk: usage errors exit 2", async () => {
   assertOneLineError(
     await tapd("tapdisk", "tap:aio:/x.img"),
     2,
-    /^tapd: tapdisk: give an export: --ring unix:PATH and\/or --nbd ADDR$/,
+    /^tapd: tapdisk: give an export: --ring unix:PATH, --nbd ADDR and\/or --fuse PATH$/,
   );
   assertOneLineError(
     await tapd("tapdisk", "tap:aio:/x.img", "--nbd", "unix:/x", "--control", "tcp"),
