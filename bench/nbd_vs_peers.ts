@@ -94,6 +94,17 @@ async function ensureImages(): Promise<void> {
   await run("sync", []); // O_DIRECT reads of files with dirty pages wait for write-back
 }
 
+/**
+ * Between servers: write back what a buffered peer left dirty (an O_DIRECT reader of those
+ * pages would wait for that write-back) and drop the page cache, so every server starts cold.
+ */
+async function settle(): Promise<void> {
+  await run("sync", []);
+  try {
+    await Deno.writeTextFile("/proc/sys/vm/drop_caches", "3");
+  } catch { /* not root: the cache stays */ }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The servers
 
@@ -317,6 +328,7 @@ try {
           }
         } finally {
           await server.stop();
+          await settle();
         }
       }
     }
@@ -347,7 +359,11 @@ else log(`\n(images kept for the next run: ${base}.*; delete them when done)`);
 
 function printGroup(g: typeof out.groups[number]): void {
   log(`\n${g.name}`);
-  const header = ["workload", ...g.peers, ...g.loads[0].ratios.map((r) => `÷ ${r.to}`)];
+  const header = [
+    "workload",
+    ...g.peers,
+    ...g.loads[0].ratios.map((r) => `${r.of} ÷ ${r.to}`),
+  ];
   const rows = g.loads.map((l) => [
     l.name,
     ...l.median.map((f) =>

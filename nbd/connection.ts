@@ -364,13 +364,8 @@ export class Connection {
     );
   }
 
-  /**
-   * A structured read that asks the disk where its holes are, reads only the data, and sends
-   * holes as OFFSET_HOLE chunks. Resolves only once every data chunk has left `data` (copied
-   * into the staging buffer or written to the socket): the caller then releases the buffer.
-   */
-  async #sparseRead(cookie: Cookie, offset: number, data: Uint8Array): Promise<void> {
-    const end = offset + data.length;
+  /** The disk's extents covering exactly [offset, end). */
+  async #extents(offset: number, end: number): Promise<Extent[]> {
     const extents: Extent[] = [];
     for (let pos = offset; pos < end;) {
       const got = await this.#target.blockStatus(pos, end - pos);
@@ -382,14 +377,22 @@ export class Connection {
       if (next <= pos) throw new DiskError("EIO", `block status made no progress at ${pos}`);
       pos = next;
     }
-    const reads: Promise<void>[] = [];
-    for (const e of extents) {
-      if (!e.zero) {
-        const start = e.offset - offset;
-        reads.push(this.#target.read(e.offset, data.subarray(start, start + e.length)));
-      }
-    }
-    await Promise.all(reads);
+    return extents;
+  }
+
+  /**
+   * A structured read that also asks the disk where its holes are, and sends those as
+   * OFFSET_HOLE chunks. Resolves only once every data chunk has left `data` (copied
+   * into the staging buffer or written to the socket): the caller then releases the buffer.
+   */
+  async #sparseRead(cookie: Cookie, offset: number, data: Uint8Array): Promise<void> {
+    // The whole range is read while the map is asked for, so that the map costs no latency
+    // (holes read cheaply: no device I/O); a failing map just means no holes are reported.
+    const [, mapped] = await Promise.all([
+      this.#target.read(offset, data),
+      this.#extents(offset, offset + data.length).catch(() => null),
+    ]);
+    const extents = mapped ?? [{ offset, length: data.length, allocated: true, zero: false }];
     // Merge neighbours of the same kind, then send; the last chunk carries DONE and, through
     // `after`, keeps the buffer alive until its bytes have been written.
     const runs: { offset: number; length: number; zero: boolean }[] = [];
