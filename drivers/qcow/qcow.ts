@@ -26,6 +26,7 @@ import { DiskError, ImageError } from "../errors.ts";
 import { openImageFile } from "../raw.ts";
 import { parseHeader, type QcowHeader } from "./header.ts";
 import { compressedExtent, getEntry, Kind, kindOf, L2Cache, L2Table, setEntry } from "./tables.ts";
+import { readScattered, settleAll } from "../scatter.ts";
 
 const SECTOR = 512;
 /** The file grows by at least this much at a time (one fdatasync per step). */
@@ -34,19 +35,6 @@ const CACHE_BYTES = 64 * 1024 * 1024;
 const MAX_EXTENTS = 1024;
 
 const alignUp = (x: number, a: number) => Math.ceil(x / a) * a;
-
-/**
- * Waits for every promise, then fails with the first error: no request is left running (and
- * no buffer handed back while the kernel still uses it) when one of its parts fails.
- */
-async function settleAll(parts: Promise<unknown>[]): Promise<void> {
-  if (parts.length === 1) {
-    await parts[0];
-    return;
-  }
-  const results = await Promise.allSettled(parts);
-  for (const r of results) if (r.status === "rejected") throw r.reason;
-}
 
 /** One contiguous part of a read: from the file, from the base (backing or zeros), or compressed. */
 interface ReadPiece {
@@ -170,30 +158,8 @@ class QcowDisk implements DiskImpl {
 
   // ---- read ----
 
-  async read(offset: number, bufs: Buffers): Promise<void> {
-    if (bufs instanceof Uint8Array) return this.#readInto(offset, bufs);
-    let pos = offset;
-    const parts: Promise<void>[] = [];
-    for (const b of bufs) {
-      parts.push(this.#readAny(pos, b));
-      pos += b.length;
-    }
-    await settleAll(parts);
-  }
-
-  /** A piece of a scatter list may start or end inside a sector: read whole sectors around it. */
-  async #readAny(offset: number, target: Uint8Array): Promise<void> {
-    if (offset % SECTOR === 0 && target.length % SECTOR === 0) {
-      return this.#readInto(offset, target);
-    }
-    const start = alignDown(offset, SECTOR), end = alignUp(offset + target.length, SECTOR);
-    const tmp = sharedPool.take(end - start);
-    try {
-      await this.#readInto(start, tmp);
-      target.set(tmp.subarray(offset - start, offset - start + target.length));
-    } finally {
-      sharedPool.give(tmp);
-    }
+  read(offset: number, bufs: Buffers): Promise<void> {
+    return readScattered(offset, bufs, (at, target) => this.#readInto(at, target));
   }
 
   /** Plans the whole read first (lookups may throw on a corrupt image), then starts the I/O. */

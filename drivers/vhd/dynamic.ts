@@ -29,6 +29,7 @@ import { L2Cache as BitmapCache, L2Table as Bitmap } from "../qcow/tables.ts";
 import { allSet, bitSet, isFull, runLength, setBits } from "./bitmap.ts";
 import { SECTOR, UNALLOCATED } from "./header.ts";
 import type { VhdLayout } from "./layout.ts";
+import { readScattered, settleAll } from "../scatter.ts";
 
 const CACHE_BYTES = 32 * 1024 * 1024;
 const MAX_EXTENTS = 1024;
@@ -38,16 +39,6 @@ const DATA_ALIGN = 4096;
 
 const alignUp = (x: number, a: number) => Math.ceil(x / a) * a;
 const alignDown = (x: number, a: number) => Math.floor(x / a) * a;
-
-/** Waits for every promise, then fails with the first error (no I/O left running on failure). */
-async function settleAll(parts: Promise<unknown>[]): Promise<void> {
-  if (parts.length === 1) {
-    await parts[0];
-    return;
-  }
-  const results = await Promise.allSettled(parts);
-  for (const r of results) if (r.status === "rejected") throw r.reason;
-}
 
 const enum Src {
   Host,
@@ -167,30 +158,8 @@ export class DynamicVhdDisk implements DiskImpl {
 
   // ---- read ----
 
-  async read(offset: number, bufs: Buffers): Promise<void> {
-    if (bufs instanceof Uint8Array) return this.#readInto(offset, bufs);
-    let pos = offset;
-    const parts: Promise<void>[] = [];
-    for (const b of bufs) {
-      parts.push(this.#readAny(pos, b));
-      pos += b.length;
-    }
-    await settleAll(parts);
-  }
-
-  /** A piece of a scatter list may start or end inside a sector: read whole sectors around it. */
-  async #readAny(offset: number, target: Uint8Array): Promise<void> {
-    if (offset % SECTOR === 0 && target.length % SECTOR === 0) {
-      return this.#readInto(offset, target);
-    }
-    const start = alignDown(offset, SECTOR), end = alignUp(offset + target.length, SECTOR);
-    const tmp = sharedPool.take(end - start);
-    try {
-      await this.#readInto(start, tmp);
-      target.set(tmp.subarray(offset - start, offset - start + target.length));
-    } finally {
-      sharedPool.give(tmp);
-    }
+  read(offset: number, bufs: Buffers): Promise<void> {
+    return readScattered(offset, bufs, (at, target) => this.#readInto(at, target));
   }
 
   /** Plans the whole read (bitmap loads may fail), then starts the I/O. */

@@ -45,16 +45,7 @@ export interface VmdkExtent {
   close(): Promise<void>;
 }
 
-/**
- * Waits for every promise, then fails with the first error: no request is left running (and no
- * buffer handed back while the kernel still uses it) when one of its parts fails.
- */
-export function settleAll(parts: Promise<unknown>[]): Promise<void> {
-  if (parts.length === 1) return parts[0] as Promise<void>; // the usual case: no extra tick
-  return Promise.allSettled(parts).then((results) => {
-    for (const r of results) if (r.status === "rejected") throw r.reason;
-  });
-}
+export { settleAll } from "../scatter.ts";
 
 /** Reads `length` bytes at any `offset` through an aligned pool buffer; past the end reads 0. */
 export async function readMeta(

@@ -15,7 +15,6 @@ import { DiskError, ImageError } from "../errors.ts";
 import { openImageFile } from "../raw.ts";
 import { randomCid, withCid } from "./descriptor.ts";
 import {
-  alignDown,
   alignUp,
   Alloc,
   type BaseReader,
@@ -35,6 +34,7 @@ import {
   type VmdkMeta,
 } from "./image.ts";
 import { gdRegionBytes, hasRedundantGd, SparseExtent } from "./sparse.ts";
+import { readScattered } from "../scatter.ts";
 
 const MAX_EXTENTS = 1024;
 
@@ -112,29 +112,8 @@ class VmdkDisk implements DiskImpl {
 
   // ---- read ----
 
-  async read(offset: number, bufs: Buffers): Promise<void> {
-    if (bufs instanceof Uint8Array) return this.#readInto(offset, bufs);
-    let pos = offset;
-    const parts: Promise<void>[] = [];
-    for (const b of bufs) {
-      parts.push(this.#readAny(pos, b));
-      pos += b.length;
-    }
-    await settleAll(parts);
-  }
-
-  async #readAny(offset: number, target: Uint8Array): Promise<void> {
-    if (offset % SECTOR === 0 && target.length % SECTOR === 0) {
-      return this.#readInto(offset, target);
-    }
-    const start = alignDown(offset, SECTOR), end = alignUp(offset + target.length, SECTOR);
-    const tmp = sharedPool.take(end - start);
-    try {
-      await this.#readInto(start, tmp);
-      target.set(tmp.subarray(offset - start, offset - start + target.length));
-    } finally {
-      sharedPool.give(tmp);
-    }
+  read(offset: number, bufs: Buffers): Promise<void> {
+    return readScattered(offset, bufs, (at, target) => this.#readInto(at, target));
   }
 
   #readInto(offset: number, target: Uint8Array): Promise<void> {
