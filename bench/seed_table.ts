@@ -24,6 +24,20 @@ const { values: opts } = parseArgs({
   },
 });
 
+// The peers only this benchmark drives (bonnie++, qemu-storage-daemon), installed as the README's
+// commands install theirs: apt-get as root, else the apt-get line to run.
+{
+  const ensure = await new Deno.Command("bash", {
+    args: [
+      "-c",
+      `source "${ROOT}scripts/bootstrap.sh" && ensure_packages "\${TAPD_BENCH_PACKAGES[@]}"`,
+    ],
+    stdout: "inherit",
+    stderr: "inherit",
+  }).output();
+  if (ensure.code !== 0) Deno.exit(1);
+}
+
 const MiB = 1024 * 1024;
 const QUICK = opts.quick;
 /** Image size, bonnie++ file size and RAM (-s, -r, MiB), cgroup limit, fio file and run time. */
