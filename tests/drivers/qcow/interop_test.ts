@@ -8,8 +8,8 @@ import assert from "node:assert/strict";
 import type { Disk } from "../../../drivers/disk.ts";
 import { openDisk } from "../../../drivers/mod.ts";
 import { newImageBytes } from "../../../drivers/qcow/header.ts";
-import { sharedPool } from "../../../io/buffer_pool.ts";
 import { type Rng, rng, withTempDir } from "../../util.ts";
+import { randomWriteBatches } from "../image_helpers.ts";
 import {
   assertMapsAgree,
   assertQemuSame,
@@ -102,40 +102,15 @@ function randomRange(
   return { offset, length };
 }
 
-/**
- * Random writes through tapd in concurrent batches of non-overlapping ranges, some of them
- * scatter-gather lists; `ref` receives the same writes.
- */
-async function tapdWrites(disk: Disk, ref: Uint8Array, r: Rng, opts: Options): Promise<void> {
-  const total = opts.writes ?? 240;
-  for (let done = 0; done < total;) {
-    const ranges: { offset: number; length: number }[] = [];
-    for (let tries = 0; ranges.length < 8 && tries < 32; tries++) {
-      const x = randomRange(r, disk.size, opts);
-      if (ranges.some((y) => x.offset < y.offset + y.length && y.offset < x.offset + x.length)) {
-        continue;
-      }
-      ranges.push(x);
-    }
-    done += ranges.length;
-    await Promise.all(ranges.map(async ({ offset, length }) => {
-      const data = r.fill(new Uint8Array(length));
-      ref.set(data, offset);
-      const sectors = length / SECTOR;
-      if (sectors >= 2 && r.below(3) === 0) {
-        const cut = (1 + r.below(sectors - 1)) * SECTOR;
-        await disk.write(offset, [data.subarray(0, cut), data.subarray(cut)]);
-      } else if (r.below(2) === 0) {
-        const buf = sharedPool.take(length);
-        try {
-          buf.set(data);
-          await disk.write(offset, buf);
-        } finally {
-          sharedPool.give(buf);
-        }
-      } else await disk.write(offset, data);
-    }));
-  }
+/** Random writes through tapd (`opts.writes`, 240 by default); `ref` receives the same writes. */
+function tapdWrites(disk: Disk, ref: Uint8Array, r: Rng, opts: Options): Promise<void> {
+  return randomWriteBatches(
+    disk,
+    ref,
+    r,
+    opts.writes ?? 240,
+    () => randomRange(r, disk.size, opts),
+  );
 }
 
 /** Opens read-only, checks the whole disk and random reads against `ref`, and the map. */

@@ -1,265 +1,54 @@
 /**
- * Crash safety (the qcow crash test's approach): a child process writes to a VHD (flushing
- * every 20 writes and saying so on stdout) and is killed with SIGKILL at a random moment.
- * Afterwards the image must open in tapd with every flushed write in it (and each later write
- * either there or not, sector by sector), `tapd check` must find no error (leaked blocks are
- * allowed), and QEMU must read a dynamic disk the same way. Many rounds on the same image.
+ * Crash safety (crash_harness.ts, the qcow crash test's approach): a child process writes to a
+ * VHD (flushing every 20 writes and saying so on stdout) and is killed with SIGKILL at a random
+ * moment. Afterwards the image must open in tapd with every flushed write in it (and each later
+ * write either there or not, sector by sector), `tapd check` must find no error (leaked blocks
+ * are allowed), and QEMU must read a dynamic disk the same way. Many rounds on the same image.
  */
 import assert from "node:assert/strict";
-import { openDisk } from "../../../drivers/mod.ts";
 import { vhdFormat } from "../../../drivers/vhd/format.ts";
-import { rng, withTempDir } from "../../util.ts";
-import {
-  assertSame,
-  crashData,
-  crashPlan,
-  MiB,
-  qemuImg,
-  qemuInfo,
-  randomContent,
-  readAll,
-  sameBytes,
-  SECTOR,
-  writeFile,
-} from "./helpers.ts";
+import { rng } from "../../util.ts";
+import { assertQemuReads, crashTests, SIZE } from "../crash_harness.ts";
+import { qemuImg, randomContent, writeFile } from "./helpers.ts";
 
-const SIZE = 8 * MiB;
-const PLAN = 3000;
-const ROUNDS = 10;
-const FLUSH_EVERY = 20;
-
-const root = new URL("../../../", import.meta.url).href;
-
-/** The child: opens the image, writes the round's plan (8 in flight), flushes every 20. */
-const CHILD = `
-import { openDisk } from "${root}drivers/mod.ts";
-import { crashData, crashPlan } from "${root}tests/drivers/qcow/helpers.ts";
-const [path, seedText, engine] = Deno.args;
-const seed = Number(seedText);
-const disk = await openDisk("vhd:" + path, { engine });
-console.log("open");
-const plan = crashPlan(seed, disk.size, ${PLAN});
-const inflight = new Set();
-for (let i = 0; i < plan.length; i++) {
-  const p = disk.write(plan[i].offset, crashData(seed, i, plan[i].length)).then(() => {
-    inflight.delete(p);
-  });
-  inflight.add(p);
-  if (inflight.size >= 8) await Promise.race(inflight);
-  if ((i + 1) % ${FLUSH_EVERY} === 0 || i === plan.length - 1) {
-    await Promise.all(inflight);
-    await disk.flush();
-    console.log("flushed " + i);
-  }
-}
-await disk.close();
-console.log("closed");
-`;
-
-interface Round {
-  killed: boolean;
-  flushed: number;
-  planned: number;
-  /** Sectors of unflushed writes found with their new data, and without. */
-  present: number;
-  absent: number;
-}
-
-/**
- * Runs the child until it ends or is killed: `delay` ms after it starts, or — when `afterFlush`
- * is not null — `delay` ms after it reports a flush covering write `afterFlush` or later.
- * Returns its stdout lines.
- */
-async function runChild(
-  script: string,
-  path: string,
-  seed: number,
-  engine: string,
-  delay: number,
-  afterFlush: number | null,
-): Promise<{ killed: boolean; lines: string[] }> {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", "--quiet", script, path, String(seed), engine],
-    stdout: "piped",
-    stderr: "piped",
-    env: { RUST_BACKTRACE: "0", NO_COLOR: "1" },
-  }).spawn();
-  const stderr = new Response(child.stderr).text();
-  let killed = false, timer: ReturnType<typeof setTimeout> | undefined;
-  const killLater = () => {
-    timer ??= setTimeout(() => {
-      try {
-        child.kill("SIGKILL");
-        killed = true;
-      } catch {
-        // already exited
-      }
-    }, delay);
-  };
-  if (afterFlush === null) killLater();
-  const lines: string[] = [];
-  let pending = "";
-  for await (const text of child.stdout.pipeThrough(new TextDecoderStream())) {
-    pending += text;
-    const parts = pending.split("\n");
-    pending = parts.pop()!;
-    for (const line of parts) {
-      lines.push(line);
-      const m = /^flushed (\d+)$/.exec(line);
-      if (afterFlush !== null && m && Number(m[1]) >= afterFlush) killLater();
+crashTests({
+  driver: "vhd",
+  qemuFormat: "vpc",
+  rounds: 10,
+  configs: [
+    { name: "dynamic, 64 KiB blocks", blockSize: 64 * 1024, backed: false },
+    { name: "differencing over a dynamic parent, 16 KiB blocks", blockSize: 16384, backed: true },
+  ],
+  async create(dir, c, ci) {
+    const path = `${dir}/img.vhd`;
+    let parent: Uint8Array | null = null;
+    if (c.backed) {
+      parent = writeFile(`${dir}/parent.raw`, randomContent(rng(0xc0 + ci), SIZE));
+      await qemuImg([
+        "convert",
+        "-O",
+        "vpc",
+        "-o",
+        "force_size=on",
+        `${dir}/parent.raw`,
+        `${dir}/parent.vhd`,
+      ]);
     }
-  }
-  lines.push(pending);
-  const status = await child.status;
-  clearTimeout(timer);
-  if (!(status.success || (killed && status.signal === "SIGKILL"))) {
-    throw new Error(
-      `crash child failed (code ${status.code}, signal ${status.signal}): ${await stderr}`,
-    );
-  }
-  await stderr;
-  return { killed: killed && !status.success, lines };
-}
-
-/**
- * Checks the image after a round against `before` (its contents when the round started) and
- * returns what it now holds.
- */
-async function checkRound(
-  path: string,
-  before: Uint8Array,
-  seed: number,
-  flushed: number,
-  round: Round,
-): Promise<Uint8Array> {
-  const plan = crashPlan(seed, SIZE, PLAN);
-  round.planned = plan.length;
-  const disk = await openDisk(`vhd:${path}`, { readOnly: true });
-  let got: Uint8Array;
-  try {
-    assert.equal(disk.size, SIZE);
-    got = await readAll(disk);
-  } finally {
-    await disk.close();
-  }
-  // Flushed writes must be there; a later one may be, sector by sector; nothing else changes.
-  const expected = before.slice();
-  for (let i = 0; i < plan.length; i++) {
-    const { offset, length } = plan[i];
-    const data = crashData(seed, i, length);
-    if (i <= flushed) {
-      expected.set(data, offset);
-      continue;
-    }
-    for (let s = 0; s < length; s += SECTOR) {
-      const now = got.subarray(offset + s, offset + s + SECTOR);
-      if (sameBytes(now, data.subarray(s, s + SECTOR))) {
-        expected.set(now, offset + s);
-        round.present++;
-      } else round.absent++;
-    }
-  }
-  assertSame(got, expected, `image after round with seed ${seed} (flushed up to write ${flushed})`);
-  return got;
-}
-
-interface Config {
-  name: string;
-  blockSize: number;
-  backed: boolean;
-}
-
-const CONFIGS: Config[] = [
-  { name: "dynamic, 64 KiB blocks", blockSize: 64 * 1024, backed: false },
-  { name: "differencing over a dynamic parent, 16 KiB blocks", blockSize: 16384, backed: true },
-];
-
-for (const [ci, c] of CONFIGS.entries()) {
-  Deno.test(`vhd crash: ${c.name}: SIGKILL during writes, ${ROUNDS} rounds`, async () => {
-    await withTempDir(async (dir) => {
-      const script = `${dir}/child.ts`;
-      Deno.writeTextFileSync(script, CHILD);
-      const path = `${dir}/img.vhd`;
-      let parent: Uint8Array | null = null;
-      if (c.backed) {
-        parent = writeFile(`${dir}/parent.raw`, randomContent(rng(0xc0 + ci), SIZE));
-        await qemuImg([
-          "convert",
-          "-O",
-          "vpc",
-          "-o",
-          "force_size=on",
-          `${dir}/parent.raw`,
-          `${dir}/parent.vhd`,
-        ]);
-      }
-      const parentBytes = c.backed ? Deno.readFileSync(`${dir}/parent.vhd`) : null;
-      await vhdFormat.create(path, {
-        size: SIZE,
-        clusterSize: c.blockSize,
-        backing: c.backed ? "parent.vhd" : undefined,
-      });
-      let ref: Uint8Array = parent?.slice() ?? new Uint8Array(SIZE);
-      const r = rng(0xc4 + ci);
-      const rounds: Round[] = [];
-      for (let round = 0; round < ROUNDS; round++) {
-        const seed = 1000 * (ci + 1) + round;
-        const engine = round % 3 === 2 ? "uring" : "aio";
-        // Odd rounds: killed 100-600 ms after the start (maybe before it opens, maybe after
-        // it is done); even rounds: a few ms after a random flush, in the middle of writing.
-        const { killed, lines } = round % 2 === 1
-          ? await runChild(script, path, seed, engine, 100 + r.below(500), null)
-          : await runChild(script, path, seed, engine, r.below(15), r.below(PLAN * 0.8));
-        let flushed = -1;
-        for (const line of lines) {
-          const m = /^flushed (\d+)$/.exec(line);
-          if (m) flushed = Math.max(flushed, Number(m[1]));
-        }
-        const stats: Round = { killed, flushed, planned: 0, present: 0, absent: 0 };
-        rounds.push(stats);
-        ref = await checkRound(path, ref, seed, flushed, stats);
+    await vhdFormat.create(path, {
+      size: SIZE,
+      clusterSize: c.blockSize,
+      backing: c.backed ? "parent.vhd" : undefined,
+    });
+    return {
+      path,
+      initial: parent,
+      parentFile: c.backed ? `${dir}/parent.vhd` : null,
+      async afterRound(round, ref) {
         const report = await vhdFormat.check(path);
         assert.deepEqual(report.errors, [], `round ${round}: ${JSON.stringify(report)}`);
-
-        // QEMU reads a dynamic disk the same way (it would ignore a differencing disk's
-        // parent). O_DIRECT, so that no page-cache pages collide with the next child's writes.
-        const info = JSON.parse(
-          await qemuImg([
-            "info",
-            "--output=json",
-            "--image-opts",
-            `driver=vpc,file.driver=file,file.filename=${path},cache.direct=on`,
-          ]),
-        );
-        assert.equal(info["virtual-size"], SIZE);
-        if (!c.backed) {
-          await qemuImg([
-            "convert",
-            "-T",
-            "none",
-            "-f",
-            "vpc",
-            "-O",
-            "raw",
-            path,
-            `${dir}/out.raw`,
-          ]);
-          assertSame(Deno.readFileSync(`${dir}/out.raw`), ref, `qemu-img convert, round ${round}`);
-        } else {
-          assertSame(Deno.readFileSync(`${dir}/parent.vhd`), parentBytes!, "the parent file");
-        }
-      }
-      const info = await qemuInfo(path, undefined, "vpc");
-      assert.equal(info["format"], "vpc");
-      assert.equal(info["virtual-size"], SIZE);
-      // The rounds must have exercised something: kills in the middle of the writing.
-      const midway = rounds.filter((x) => x.killed && x.flushed >= 0 && x.flushed < x.planned - 1);
-      assert.ok(
-        midway.length >= ROUNDS / 2 - 1,
-        `${midway.length} mid-write kills: ${JSON.stringify(rounds)}`,
-      );
-      // Some kills caught writes in flight (unflushed writes found, wholly or partly).
-      assert.ok(rounds.some((x) => x.present > 0), JSON.stringify(rounds));
-    });
-  });
-}
+        // QEMU reads a dynamic disk the same way (it would ignore a differencing disk's parent).
+        await assertQemuReads("vpc", dir, path, ref, round, { convert: !c.backed });
+      },
+    };
+  },
+});

@@ -5,8 +5,8 @@
 import assert from "node:assert/strict";
 import type { Disk } from "../../../drivers/disk.ts";
 import { vhdFormat } from "../../../drivers/vhd/format.ts";
-import { sharedPool } from "../../../io/buffer_pool.ts";
 import type { Rng } from "../../util.ts";
+import { randomWriteBatches } from "../image_helpers.ts";
 import { KiB, qemuImg, type Run, run, SECTOR, tapdMap } from "../qcow/helpers.ts";
 
 export * from "../qcow/helpers.ts";
@@ -78,43 +78,16 @@ export function randomRange(r: Rng, size: number, blockSize: number): Range {
   return { offset, length: Math.min(length, size - offset) };
 }
 
-const overlaps = (a: Range, b: Range) =>
-  a.offset < b.offset + b.length && b.offset < a.offset + a.length;
-
 /**
  * `count` random writes through tapd in concurrent batches of non-overlapping ranges (some as
  * scatter-gather lists, some from pool memory); `ref` receives the same writes.
  */
-export async function tapdWrites(
+export function tapdWrites(
   disk: Disk,
   ref: Uint8Array,
   r: Rng,
   blockSize: number,
   count: number,
 ): Promise<void> {
-  for (let done = 0; done < count;) {
-    const ranges: Range[] = [];
-    for (let tries = 0; ranges.length < 8 && tries < 32; tries++) {
-      const x = randomRange(r, disk.size, blockSize);
-      if (!ranges.some((y) => overlaps(x, y))) ranges.push(x);
-    }
-    done += ranges.length;
-    await Promise.all(ranges.map(async ({ offset, length }) => {
-      const data = r.fill(new Uint8Array(length));
-      ref.set(data, offset);
-      const sectors = length / SECTOR;
-      if (sectors >= 2 && r.below(3) === 0) {
-        const cut = (1 + r.below(sectors - 1)) * SECTOR;
-        await disk.write(offset, [data.subarray(0, cut), data.subarray(cut)]);
-      } else if (r.below(2) === 0) {
-        const buf = sharedPool.take(length);
-        try {
-          buf.set(data);
-          await disk.write(offset, buf);
-        } finally {
-          sharedPool.give(buf);
-        }
-      } else await disk.write(offset, data);
-    }));
-  }
+  return randomWriteBatches(disk, ref, r, count, () => randomRange(r, disk.size, blockSize));
 }

@@ -5,8 +5,8 @@
  */
 import assert from "node:assert/strict";
 import type { Disk } from "../../../drivers/disk.ts";
-import { sharedPool } from "../../../io/buffer_pool.ts";
 import type { Rng } from "../../util.ts";
+import { randomWriteBatches } from "../image_helpers.ts";
 import { qemuImg, qemuIo, run, SECTOR } from "../qcow/helpers.ts";
 
 export {
@@ -101,7 +101,7 @@ export function randomRange(r: Rng, size: number, grain: number, gtSpan: number)
  * `count` random writes through tapd in concurrent batches of non-overlapping ranges (some
  * scatter-gather, some from pool memory); `ref` receives the same writes.
  */
-export async function randomWrites(
+export function randomWrites(
   disk: Disk,
   ref: Uint8Array,
   r: Rng,
@@ -109,34 +109,13 @@ export async function randomWrites(
   grain: number,
   gtSpan: number,
 ): Promise<void> {
-  for (let done = 0; done < count;) {
-    const ranges: Range[] = [];
-    for (let tries = 0; ranges.length < 8 && tries < 32; tries++) {
-      const x = randomRange(r, disk.size, grain, gtSpan);
-      if (ranges.some((y) => x.offset < y.offset + y.length && y.offset < x.offset + x.length)) {
-        continue;
-      }
-      ranges.push(x);
-    }
-    done += ranges.length;
-    await Promise.all(ranges.map(async ({ offset, length }) => {
-      const data = r.fill(new Uint8Array(length));
-      ref.set(data, offset);
-      const sectors = length / SECTOR;
-      if (sectors >= 2 && r.below(3) === 0) {
-        const cut = (1 + r.below(sectors - 1)) * SECTOR;
-        await disk.write(offset, [data.subarray(0, cut), data.subarray(cut)]);
-      } else if (r.below(2) === 0) {
-        const buf = sharedPool.take(length);
-        try {
-          buf.set(data);
-          await disk.write(offset, buf);
-        } finally {
-          sharedPool.give(buf);
-        }
-      } else await disk.write(offset, data);
-    }));
-  }
+  return randomWriteBatches(
+    disk,
+    ref,
+    r,
+    count,
+    () => randomRange(r, disk.size, grain, gtSpan),
+  );
 }
 
 /** A run of the disk with one state in the top image: data, reads as zero, or neither. */
