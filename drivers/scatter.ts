@@ -54,3 +54,27 @@ async function readPiece(
     sharedPool.give(tmp);
   }
 }
+
+/**
+ * Writes `bufs` (in order) at `offset` with `writeFrom`, which takes one contiguous source: a
+ * scatter list is gathered into a pool buffer first.
+ */
+export async function writeGathered(
+  offset: number,
+  bufs: Buffers,
+  writeFrom: (offset: number, src: Uint8Array) => Promise<void>,
+): Promise<void> {
+  if (bufs instanceof Uint8Array) return writeFrom(offset, bufs);
+  const total = bufs.reduce((n, b) => n + b.length, 0);
+  const tmp = sharedPool.take(total);
+  try {
+    let o = 0;
+    for (const b of bufs) {
+      tmp.set(b, o);
+      o += b.length;
+    }
+    await writeFrom(offset, tmp.subarray(0, total));
+  } finally {
+    sharedPool.give(tmp);
+  }
+}

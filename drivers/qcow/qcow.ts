@@ -26,7 +26,7 @@ import { DiskError, ImageError } from "../errors.ts";
 import { openImageFile } from "../raw.ts";
 import { parseHeader, type QcowHeader } from "./header.ts";
 import { compressedExtent, getEntry, Kind, kindOf, L2Cache, L2Table, setEntry } from "./tables.ts";
-import { readScattered, settleAll } from "../scatter.ts";
+import { readScattered, settleAll, writeGathered } from "../scatter.ts";
 
 const SECTOR = 512;
 /** The file grows by at least this much at a time (one fdatasync per step). */
@@ -253,20 +253,8 @@ class QcowDisk implements DiskImpl {
 
   // ---- write ----
 
-  async write(offset: number, bufs: Buffers): Promise<void> {
-    if (bufs instanceof Uint8Array) return this.#writeFrom(offset, bufs);
-    const total = bufs.reduce((n, b) => n + b.length, 0);
-    const tmp = sharedPool.take(total);
-    try {
-      let o = 0;
-      for (const b of bufs) {
-        tmp.set(b, o);
-        o += b.length;
-      }
-      await this.#writeFrom(offset, tmp);
-    } finally {
-      sharedPool.give(tmp);
-    }
+  write(offset: number, bufs: Buffers): Promise<void> {
+    return writeGathered(offset, bufs, (at, src) => this.#writeFrom(at, src));
   }
 
   #writeFrom(offset: number, src: Uint8Array): Promise<void> {

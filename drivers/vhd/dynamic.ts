@@ -29,7 +29,7 @@ import { L2Cache as BitmapCache, L2Table as Bitmap } from "../qcow/tables.ts";
 import { allSet, bitSet, isFull, runLength, setBits } from "./bitmap.ts";
 import { SECTOR, UNALLOCATED } from "./header.ts";
 import type { VhdLayout } from "./layout.ts";
-import { readScattered, settleAll } from "../scatter.ts";
+import { readScattered, settleAll, writeGathered } from "../scatter.ts";
 
 const CACHE_BYTES = 32 * 1024 * 1024;
 const MAX_EXTENTS = 1024;
@@ -216,20 +216,8 @@ export class DynamicVhdDisk implements DiskImpl {
 
   // ---- write ----
 
-  async write(offset: number, bufs: Buffers): Promise<void> {
-    if (bufs instanceof Uint8Array) return this.#writeFrom(offset, bufs);
-    const total = bufs.reduce((n, b) => n + b.length, 0);
-    const tmp = sharedPool.take(total);
-    try {
-      let o = 0;
-      for (const b of bufs) {
-        tmp.set(b, o);
-        o += b.length;
-      }
-      await this.#writeFrom(offset, tmp);
-    } finally {
-      sharedPool.give(tmp);
-    }
+  write(offset: number, bufs: Buffers): Promise<void> {
+    return writeGathered(offset, bufs, (at, src) => this.#writeFrom(at, src));
   }
 
   #writeFrom(offset: number, src: Uint8Array): Promise<void> {

@@ -34,7 +34,7 @@ import {
   type VmdkMeta,
 } from "./image.ts";
 import { gdRegionBytes, hasRedundantGd, SparseExtent } from "./sparse.ts";
-import { readScattered } from "../scatter.ts";
+import { readScattered, writeGathered } from "../scatter.ts";
 
 const MAX_EXTENTS = 1024;
 
@@ -151,19 +151,7 @@ class VmdkDisk implements DiskImpl {
   async write(offset: number, bufs: Buffers): Promise<void> {
     const cid = this.#newCid();
     if (cid !== null) await cid;
-    if (bufs instanceof Uint8Array) return this.#writeFrom(offset, bufs);
-    const total = bufs.reduce((n, b) => n + b.length, 0);
-    const tmp = sharedPool.take(total);
-    try {
-      let o = 0;
-      for (const b of bufs) {
-        tmp.set(b, o);
-        o += b.length;
-      }
-      await this.#writeFrom(offset, tmp);
-    } finally {
-      sharedPool.give(tmp);
-    }
+    await writeGathered(offset, bufs, (at, src) => this.#writeFrom(at, src));
   }
 
   #writeFrom(offset: number, src: Uint8Array): Promise<void> {
