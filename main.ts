@@ -13,6 +13,7 @@ import { img2qcowCommand } from "./tools/img2qcow.ts";
 import { infoCommand } from "./tools/info.ts";
 import { qcow2rawCommand } from "./tools/qcow2raw.ts";
 import { qcowCreateCommand } from "./tools/qcow_create.ts";
+import { xenBackendCommand } from "./tools/xen_backend.ts";
 
 export const VERSION = "0.1.0";
 
@@ -29,6 +30,7 @@ const COMMANDS: readonly Command[] = [
   daemonCommand,
   ctlCommand,
   tapdiskCommand,
+  xenBackendCommand,
 ];
 
 function overview(): string {

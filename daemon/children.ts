@@ -6,6 +6,7 @@
 import type { Logger } from "../cli/log.ts";
 import { encodeLine, readLines } from "./lines.ts";
 import {
+  type EndedEvent,
   parseTapdiskMessage,
   type ReadyEvent,
   type TapdiskCommand,
@@ -47,7 +48,8 @@ export class TapdiskChild {
   #gone: ExitInfo | null = null;
   #startError: string | null = null;
 
-  constructor(tapdiskArgs: string[], log: Logger) {
+  /** `onEnded`: an export ended on its own while the disk serves on (its Xen guest is gone). */
+  constructor(tapdiskArgs: string[], log: Logger, onEnded: (e: EndedEvent) => void = () => {}) {
     const launcher = tapdLauncher();
     this.#log = log;
     const process = this.#process = new Deno.Command(launcher.command, {
@@ -77,6 +79,7 @@ export class TapdiskChild {
         }
         if ("event" in message) {
           if (message.event === "ready") readyResolve(message);
+          else if (message.event === "ended") onEnded(message);
           else this.#startError = message.error;
         } else {
           const pending = this.#pending.get(message.seq);

@@ -3,6 +3,7 @@
  *
  *   {"verb":"attach","spec":"tap:qcow:/v/a.qcow","nbd":["tcp:127.0.0.1:10810"],"readOnly":false}
  *   {"verb":"attach","spec":"tap:aio:/v/b.img","fuse":"/run/tapd/b.img"}
+ *   {"verb":"attach","spec":"tap:aio:/v/c.img","xen":"3:xvdb"}
  *   {"verb":"list"}   {"verb":"detach","id":1}   {"verb":"pause","id":1}   {"verb":"stats","id":1}
  *   {"verb":"resume","id":1,"reopen":"tap:qcow:/v/overlay.qcow"}
  *
@@ -23,6 +24,8 @@ export type ControlRequest =
     ring: string | null;
     /** A FUSE export: the regular file to mount the disk over. */
     fuse: string | null;
+    /** A Xen export: "DOMID[:VDEV]", the guest domain and its device (default xvda). */
+    xen: string | null;
     readOnly: boolean;
   }
   | { verb: "list" }
@@ -40,13 +43,16 @@ export interface DiskRecord {
   pid: number | null;
   spec: string;
   readOnly: boolean;
-  /** Bound export addresses: unix:PATH, tcp:HOST:PORT, ring:unix:PATH, fuse:PATH. */
+  /** Bound export addresses: unix:PATH, tcp:HOST:PORT, ring:unix:PATH, fuse:PATH, xen:D:VDEV. */
   exports: string[];
   /** NBD URIs for the exports (the default export, ""). */
   uris: string[];
   /** Virtual size in bytes, once open. */
   size: number | null;
-  /** Why a failed disk failed, e.g. "killed by SIGKILL". */
+  /**
+   * Why a failed disk failed, e.g. "tapdisk killed by SIGKILL"; on a serving disk, why an
+   * export ended on its own ("xen:3:xvdb ended: the frontend vanished").
+   */
   reason: string | null;
 }
 
@@ -125,6 +131,7 @@ export function parseRequest(line: string): ControlRequest {
         nbd: nbd as string[],
         ring: field<string | null>(req, "ring", "string", null),
         fuse: field<string | null>(req, "fuse", "string", null),
+        xen: field<string | null>(req, "xen", "string", null),
         readOnly: field<boolean>(req, "readOnly", "boolean", false),
       };
     }

@@ -16,7 +16,15 @@ import {
   errorReply,
   RequestError,
 } from "./control_protocol.ts";
-import { checkFuseMountPoint, checkFusePath, checkNbd, checkRing, checkSpec } from "./validate.ts";
+import {
+  checkFuseMountPoint,
+  checkFusePath,
+  checkNbd,
+  checkRing,
+  checkSpec,
+  checkXen,
+} from "./validate.ts";
+import { formatXenTarget, xenExport } from "./xen_target.ts";
 
 /** How long a tapdisk may take to drain and close before it is killed. */
 export const STOP_TIMEOUT_MS = 30_000;
@@ -32,6 +40,8 @@ export interface AttachRequest {
   ring: string | null;
   /** A regular file to mount the disk over (FUSE), or null. */
   fuse: string | null;
+  /** A Xen guest device, DOMID[:VDEV], or null. */
+  xen: string | null;
   readOnly: boolean;
 }
 
@@ -106,22 +116,28 @@ export class Daemon {
     let nbd = checkNbd(req.nbd);
     const ring = req.ring === null ? null : checkRing(req.ring);
     const fuse = req.fuse === null ? null : checkFusePath(req.fuse);
+    const xen = req.xen === null ? null : checkXen(req.xen);
     let id = 0;
     while (this.#disks.has(id)) id++;
-    if (nbd.length === 0 && ring === null && fuse === null) {
+    if (nbd.length === 0 && ring === null && fuse === null && xen === null) {
       Deno.mkdirSync(`${this.stateDir}/nbd`, { recursive: true });
       nbd = [`unix:${this.stateDir}/nbd/${id}.sock`];
     }
     const wanted = [...nbd, ...(ring === null ? [] : [`unix:${ring}`])];
-    this.#checkFree([...wanted, ...(fuse === null ? [] : [`fuse:${fuse}`])]);
+    const named = [
+      ...(fuse === null ? [] : [`fuse:${fuse}`]),
+      ...(xen === null ? [] : [xenExport(xen)]),
+    ];
+    this.#checkFree([...wanted, ...named]);
     if (fuse !== null) checkFuseMountPoint(fuse);
     const args = [spec, "--export-name", String(id)];
     for (const address of nbd) args.push("--nbd", address);
     if (ring !== null) args.push("--ring", `unix:${ring}`);
     if (fuse !== null) args.push("--fuse", fuse);
+    if (xen !== null) args.push("--xen", formatXenTarget(xen));
     if (req.readOnly) args.push("--read-only");
     const log = this.#log.with({ disk: id });
-    const child = new TapdiskChild(args, log);
+    const child = new TapdiskChild(args, log, (e) => this.#exportEnded(entry, e.export, e.reason));
     const entry: Entry = {
       record: {
         id,
@@ -132,7 +148,7 @@ export class Daemon {
         exports: [
           ...nbd,
           ...(ring === null ? [] : [`ring:unix:${ring}`]),
-          ...(fuse === null ? [] : [`fuse:${fuse}`]),
+          ...named,
         ],
         uris: [],
         size: null,
@@ -178,6 +194,14 @@ export class Daemon {
         throw new RequestError(`${endpoint(used)} is already used by disk ${record.id}`);
       }
     }
+  }
+
+  /** An export ended on its own (its Xen guest is gone): the disk serves on without it. */
+  #exportEnded(entry: Entry, name: string, reason: string): void {
+    const record = entry.record;
+    record.exports = record.exports.filter((e) => e !== name);
+    record.reason = `${name} ended: ${reason}`;
+    this.#log.warn("an export ended", { disk: record.id, export: name, reason });
   }
 
   #exited(entry: Entry, reason: string): void {

@@ -6,6 +6,8 @@
  *                      {"seq":5,"cmd":"stats"}  {"seq":6,"cmd":"stop"}
  *   tapdisk → daemon   {"event":"ready","size":…,"exports":[…],"uris":[…]}   once serving
  *                      {"event":"error","error":"…"}                          could not start
+ *                      {"event":"ended","export":"xen:3:xvdb","reason":"…"}   one export ended
+ *                                                    on its own (the Xen guest is gone)
  *                      {"seq":3,"ok":true}  {"seq":5,"ok":true,"stats":{…}}  {"seq":4,"ok":false,"error":"…"}
  *                      {"seq":6,"ok":false,"error":"…","serving":true}   a stop that did not happen
  *                                                    (the FUSE file is in use): the disk serves on
@@ -27,9 +29,16 @@ export interface TapdiskCommand {
 export interface ReadyEvent {
   event: "ready";
   size: number;
-  /** ring:unix:PATH, unix:PATH, tcp:HOST:PORT (the bound port), fuse:PATH. */
+  /** ring:unix:PATH, unix:PATH, tcp:HOST:PORT (the bound port), fuse:PATH, xen:DOMID:VDEV. */
   exports: string[];
   uris: string[];
+}
+
+/** An export that ended while the disk goes on serving (its Xen guest was destroyed). */
+export interface EndedEvent {
+  event: "ended";
+  export: string;
+  reason: string;
 }
 
 export type TapdiskReply =
@@ -42,7 +51,11 @@ export type TapdiskReply =
     serving?: boolean;
   };
 
-export type TapdiskMessage = ReadyEvent | { event: "error"; error: string } | TapdiskReply;
+export type TapdiskMessage =
+  | ReadyEvent
+  | { event: "error"; error: string }
+  | EndedEvent
+  | TapdiskReply;
 
 /** Parses a command line from the daemon; throws on anything else. */
 export function parseTapdiskCommand(line: string): TapdiskCommand {
@@ -62,6 +75,11 @@ export function parseTapdiskMessage(line: string): TapdiskMessage {
   const value = JSON.parse(line) as Record<string, unknown> | null;
   if (typeof value !== "object" || value === null) throw new Error("not a JSON object");
   if (value.event === "ready" || value.event === "error") return value as TapdiskMessage;
+  if (
+    value.event === "ended" && typeof value.export === "string" && typeof value.reason === "string"
+  ) {
+    return value as unknown as EndedEvent;
+  }
   if (typeof value.seq === "number" && typeof value.ok === "boolean") {
     return value as TapdiskMessage;
   }

@@ -1,7 +1,7 @@
 /**
  * One disk served by one tapdisk process: the disk behind a DiskGate, exported on a blkif ring,
- * NBD listeners and/or a FUSE file. pause/resume/stats act on the gate; stop() unmounts the FUSE
- * file, then drains and closes everything else.
+ * NBD listeners, a FUSE file and/or a Xen guest's vbd. pause/resume/stats act on the gate; stop()
+ * unmounts the FUSE file, unplugs the vbd, then drains and closes everything else.
  */
 import type { Logger } from "../cli/log.ts";
 import { openDisk } from "../drivers/mod.ts";
@@ -11,6 +11,8 @@ import { formatNbdAddress, type NbdAddress, nbdUri } from "../nbd/address.ts";
 import { NbdServer } from "../nbd/server.ts";
 import { LocalRingListener } from "../ring/local.ts";
 import { DiskGate, type GateStats } from "../serve/gate.ts";
+import { serveXenVbd } from "../xen/serve.ts";
+import { xenExport, type XenTarget } from "./xen_target.ts";
 
 export interface TapdiskOptions {
   spec: string;
@@ -21,13 +23,31 @@ export interface TapdiskOptions {
   nbd: NbdAddress[];
   /** A regular file to mount the disk over (FUSE), or null. */
   fuse: string | null;
+  /** A Xen guest device to serve the disk to (from dom0), or null. */
+  xen: XenTarget | null;
+  /** xenstored's socket, or the xenbus device if it starts with /dev/ (default: either). */
+  xenstore?: string;
+  /** How long a stop waits for the Xen guest to release its device (default 10 s). */
+  xenUnplugTimeoutMs?: number;
+  /** An export ended on its own while the disk serves on (the Xen guest was destroyed). */
+  onExportEnded?: (exportName: string, reason: string) => void;
   exportName: string;
   log: Logger;
 }
 
+/** The running Xen export. */
+interface XenServing {
+  name: string;
+  /** Asks serveXenVbd to unplug the device. */
+  stop: () => void;
+  stopRequested: boolean;
+  /** Settles when serveXenVbd has returned (never rejects). */
+  done: Promise<void>;
+}
+
 export interface Serving {
   size: number;
-  /** ring:unix:PATH, unix:PATH, tcp:HOST:PORT (the bound port), fuse:PATH. */
+  /** ring:unix:PATH, unix:PATH, tcp:HOST:PORT (the bound port), fuse:PATH, xen:DOMID:VDEV. */
   exports: string[];
   uris: string[];
 }
@@ -39,6 +59,7 @@ export class TapdiskServer {
   #nbd: NbdServer | null = null;
   #ring: LocalRingListener | null = null;
   #fuse: FuseExport | null = null;
+  #xen: XenServing | null = null;
   #ringServing: Promise<void> = Promise.resolve();
   #stopping: Promise<void> | null = null;
 
@@ -93,12 +114,71 @@ export class TapdiskServer {
           }
         });
       }
+      if (o.xen !== null) exports.push(await this.#startXen(gate, o.xen));
     } catch (e) {
       await this.stop();
       throw e;
     }
     this.#log.info("serving", { spec: o.spec, size: gate.size, exports: exports.join(" ") });
     return { size: gate.size, exports, uris };
+  }
+
+  /**
+   * Plugs the vbd into xenstore and returns once it waits for the guest; throws if it cannot
+   * (no such domain, no xenstored). Should it end on its own later (the guest domain was
+   * destroyed), the disk serves on without it and onExportEnded is told.
+   */
+  async #startXen(gate: DiskGate, target: XenTarget): Promise<string> {
+    const o = this.#options;
+    const name = xenExport(target);
+    let stop!: () => void, plugged!: () => void;
+    const stopped = new Promise<void>((resolve) => stop = resolve);
+    const ready = new Promise<void>((resolve) => plugged = resolve);
+    const serving = serveXenVbd(gate, {
+      frontendDomid: target.domid,
+      devid: target.devid,
+      xenstore: o.xenstore,
+      unplugTimeoutMs: o.xenUnplugTimeoutMs,
+      stop: stopped,
+      log: this.#log.with({ component: "xen" }),
+      ready: () => plugged(),
+    });
+    const early = serving.then((reason) => {
+      throw new Error(`${name} ended before the device was plugged: ${reason}`);
+    });
+    try {
+      await Promise.race([ready, early]);
+    } catch (e) {
+      // An explicit --xenstore that cannot be opened fails with a bare OS error.
+      if (!Object.values(Deno.errors).some((c) => e instanceof c)) throw e;
+      const where = o.xenstore === undefined ? "" : ` at "${o.xenstore}"`;
+      throw new Error(`Cannot reach xenstored${where}: ${(e as Error).message}`);
+    }
+    const xen: XenServing = {
+      name,
+      stop: () => {
+        xen.stopRequested = true;
+        stop();
+      },
+      stopRequested: false,
+      done: serving.then(
+        (reason) => this.#xenEnded(xen, reason, false),
+        (e) => this.#xenEnded(xen, (e as Error).message.split("\n")[0], true),
+      ),
+    };
+    this.#xen = xen;
+    return name;
+  }
+
+  #xenEnded(xen: XenServing, reason: string, failed: boolean): void {
+    const fields = { export: xen.name, reason };
+    if (xen.stopRequested) {
+      if (failed) this.#log.error("unplugging the Xen device failed", fields);
+      else this.#log.info("the Xen device is unplugged", fields);
+    } else {
+      this.#log.warn("the Xen export ended: the disk serves on without it", fields);
+      this.#options.onExportEnded?.(xen.name, reason);
+    }
   }
 
   /** True from start() until a stop begins (again after a stop refused for a busy FUSE file). */
@@ -174,8 +254,10 @@ export class TapdiskServer {
     }
     const gate = this.#gate;
     this.#ring?.stop();
+    this.#xen?.stop(); // the guest is asked to let go; it may still send requests until then
     if (gate?.paused) await gate.resume(); // held requests were accepted: let them complete
     await this.#nbd?.close();
+    await this.#xen?.done;
     await this.#ringServing;
     if (gate !== null) {
       try {

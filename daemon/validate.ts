@@ -3,6 +3,7 @@ import { parseDiskSpec } from "../drivers/mod.ts";
 import { checkMountPoint, resolveMountPoint } from "../fuse/mount.ts";
 import { formatNbdAddress, type NbdAddress, parseNbdAddress } from "../nbd/address.ts";
 import { RequestError } from "./control_protocol.ts";
+import { parseXenTarget, type XenTarget } from "./xen_target.ts";
 
 function message(e: unknown): string {
   return (e instanceof Error ? e.message : String(e)).split("\n")[0];
@@ -75,6 +76,15 @@ export function checkFusePath(path: string): string {
 export function checkFuseMountPoint(path: string): void {
   try {
     checkMountPoint(path);
+  } catch (e) {
+    throw new RequestError(message(e));
+  }
+}
+
+/** A Xen target, DOMID[:VDEV]: a guest domain id and a virtual device name. */
+export function checkXen(text: string): XenTarget {
+  try {
+    return parseXenTarget(text);
   } catch (e) {
     throw new RequestError(message(e));
   }

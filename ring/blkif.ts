@@ -38,6 +38,12 @@ export const BLKIF_LAYOUT = {
   // struct blkif_request_discard
   OFF_DISCARD_FLAG: 1,
   OFF_DISCARD_NR_SECTORS: 24,
+  // struct blkif_request_indirect
+  OFF_INDIRECT_OP: 1,
+  OFF_INDIRECT_NR_SEGMENTS: 2,
+  OFF_INDIRECT_GREFS: 28,
+  MAX_INDIRECT_PAGES: 8, // BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST
+  SEGMENTS_PER_INDIRECT_PAGE: 512,
   // struct blkif_response
   OFF_RSP_ID: 0,
   OFF_RSP_OPERATION: 8,
@@ -56,9 +62,18 @@ export const BLKIF_RSP_EOPNOTSUPP = -2;
 
 const L = BLKIF_LAYOUT;
 
+/** __CONST_RING_SIZE(blkif, bytes): entries of a ring `bytes` long (a power of two). */
+export function ringEntries(bytes: number): number {
+  const fit = Math.floor((bytes - L.RING_OFFSET) / L.ENTRY_SIZE);
+  if (fit < 1) throw new RangeError(`A ${bytes}-byte ring holds no entry`);
+  return 2 ** Math.floor(Math.log2(fit));
+}
+
 /** One request, copied out of its ring slot (the slot is reused for the response). */
 export interface BlkifRequest {
   operation: number;
+  /** The operation a response carries: READ or WRITE for an INDIRECT request. */
+  responseOp: number;
   nrSegments: number;
   idLo: number;
   idHi: number;
@@ -67,10 +82,14 @@ export interface BlkifRequest {
   segments: Uint32Array;
   /** discard: sectors. */
   nrSectors: number;
+  /** INDIRECT: the grants of the pages holding the segment descriptors. */
+  indirectGrefs: Uint32Array | null;
 }
 
-/** The backend's half of a shared ring in `page` (one 4096-byte page). */
+/** The backend's half of a shared ring in `page` (one or more contiguous 4096-byte pages). */
 export class BackRing {
+  /** Entries in the ring. */
+  readonly size: number;
   readonly #words: Uint32Array;
   readonly #bytes: Uint8Array;
   readonly #view: DataView;
@@ -79,8 +98,9 @@ export class BackRing {
 
   constructor(page: Uint8Array) {
     this.#bytes = page;
-    this.#words = new Uint32Array(page.buffer, page.byteOffset, L.PAGE_SIZE / 4);
-    this.#view = new DataView(page.buffer, page.byteOffset, L.PAGE_SIZE);
+    this.size = ringEntries(page.byteLength);
+    this.#words = new Uint32Array(page.buffer, page.byteOffset, L.RING_OFFSET / 4);
+    this.#view = new DataView(page.buffer, page.byteOffset, page.byteLength);
   }
 
   /** SHARED_RING_INIT: producers 0, both event indexes 1. */
@@ -95,16 +115,45 @@ export class BackRing {
   unconsumed(): number {
     const prod = Atomics.load(this.#words, L.OFF_REQ_PROD / 4);
     const req = (prod - this.#reqCons) >>> 0;
-    const rsp = L.RING_SIZE - ((this.#reqCons - this.#rspProdPvt) >>> 0);
+    const rsp = this.size - ((this.#reqCons - this.#rspProdPvt) >>> 0);
     return Math.min(req, rsp);
   }
 
-  /** Copies out the next request and advances req_cons. */
+  /**
+   * RING_REQUEST_PROD_OVERFLOW: the frontend claims more unconsumed requests than the ring
+   * holds, so it is buggy or hostile and the ring must stop.
+   */
+  producerOverflow(): boolean {
+    const prod = Atomics.load(this.#words, L.OFF_REQ_PROD / 4);
+    return ((prod - this.#reqCons) >>> 0) > this.size;
+  }
+
+  /** Copies out the next request and advances req_cons; validation is the caller's, on the copy. */
   take(): BlkifRequest {
-    const base = L.RING_OFFSET + (this.#reqCons & (L.RING_SIZE - 1)) * L.ENTRY_SIZE;
+    const base = L.RING_OFFSET + (this.#reqCons & (this.size - 1)) * L.ENTRY_SIZE;
     this.#reqCons = (this.#reqCons + 1) >>> 0;
     const v = this.#view;
     const operation = v.getUint8(base + L.OFF_OPERATION);
+    const sector = v.getUint32(base + L.OFF_SECTOR_NUMBER, true) +
+      v.getUint32(base + L.OFF_SECTOR_NUMBER + 4, true) * 0x100000000;
+    const idLo = v.getUint32(base + L.OFF_ID, true), idHi = v.getUint32(base + L.OFF_ID + 4, true);
+    if (operation === BLKIF_OP_INDIRECT) {
+      const grefs = new Uint32Array(L.MAX_INDIRECT_PAGES);
+      for (let i = 0; i < grefs.length; i++) {
+        grefs[i] = v.getUint32(base + L.OFF_INDIRECT_GREFS + 4 * i, true);
+      }
+      return {
+        operation,
+        responseOp: v.getUint8(base + L.OFF_INDIRECT_OP),
+        nrSegments: v.getUint16(base + L.OFF_INDIRECT_NR_SEGMENTS, true),
+        idLo,
+        idHi,
+        sector,
+        segments: new Uint32Array(0),
+        nrSectors: 0,
+        indirectGrefs: grefs,
+      };
+    }
     const nr = v.getUint8(base + L.OFF_NR_SEGMENTS);
     const segs = new Uint32Array(Math.min(nr, L.MAX_SEGMENTS) * 3);
     for (let i = 0; i < segs.length / 3; i++) {
@@ -115,25 +164,26 @@ export class BackRing {
     }
     return {
       operation,
+      responseOp: operation,
       nrSegments: nr,
-      idLo: v.getUint32(base + L.OFF_ID, true),
-      idHi: v.getUint32(base + L.OFF_ID + 4, true),
-      sector: v.getUint32(base + L.OFF_SECTOR_NUMBER, true) +
-        v.getUint32(base + L.OFF_SECTOR_NUMBER + 4, true) * 0x100000000,
+      idLo,
+      idHi,
+      sector,
       segments: segs,
       nrSectors: v.getUint32(base + L.OFF_DISCARD_NR_SECTORS, true) +
         v.getUint32(base + L.OFF_DISCARD_NR_SECTORS + 4, true) * 0x100000000,
+      indirectGrefs: null,
     };
   }
 
   /** Writes a response into the next response slot (not yet visible to the frontend). */
   respond(req: BlkifRequest, status: number): void {
-    const base = L.RING_OFFSET + (this.#rspProdPvt & (L.RING_SIZE - 1)) * L.ENTRY_SIZE;
+    const base = L.RING_OFFSET + (this.#rspProdPvt & (this.size - 1)) * L.ENTRY_SIZE;
     this.#rspProdPvt = (this.#rspProdPvt + 1) >>> 0;
     const v = this.#view;
     v.setUint32(base + L.OFF_RSP_ID, req.idLo, true);
     v.setUint32(base + L.OFF_RSP_ID + 4, req.idHi, true);
-    v.setUint8(base + L.OFF_RSP_OPERATION, req.operation);
+    v.setUint8(base + L.OFF_RSP_OPERATION, req.responseOp);
     v.setInt16(base + L.OFF_RSP_STATUS, status, true);
   }
 

@@ -10,6 +10,7 @@ import { libc } from "../ffi/libc.ts";
 import { Mapping } from "../ffi/memory.ts";
 import { sendWithFds, UnixListener } from "../ffi/socket.ts";
 import { BLKIF_LAYOUT } from "./blkif.ts";
+import { PageSegments } from "./segments.ts";
 import { RingServer, type RingTransport } from "./server.ts";
 
 export const ATTACH_MAGIC = "TAPDRING";
@@ -40,7 +41,7 @@ export function attachMessage(disk: BlockTarget): Uint8Array {
 /** One attached frontend: its memory, its eventfds, and the watch on its connection. */
 class LocalRing implements RingTransport {
   readonly ring: Uint8Array;
-  readonly data: Uint8Array;
+  readonly data: PageSegments;
   readonly #conn: FileHandle;
   readonly #map: Mapping;
   readonly #kick = new EventFd();
@@ -53,7 +54,7 @@ class LocalRing implements RingTransport {
     const size = (RING_PAGES + DATA_PAGES) * BLKIF_LAYOUT.PAGE_SIZE;
     this.#map = new Mapping(memfdFd, size, { what: "ring memory" });
     this.ring = this.#map.bytes.subarray(0, BLKIF_LAYOUT.PAGE_SIZE);
-    this.data = this.#map.bytes.subarray(RING_PAGES * BLKIF_LAYOUT.PAGE_SIZE);
+    this.data = new PageSegments(this.#map.bytes.subarray(RING_PAGES * BLKIF_LAYOUT.PAGE_SIZE));
   }
 
   /** Sends the attach message with the memfd and both eventfds (after the ring is initialised). */

@@ -1,10 +1,13 @@
 /**
- * Serves one disk (a BlockTarget) on one blkif ring, whatever carries the ring (the local memfd transport, the
- * blktap device). Requests are copied out, validated, and run concurrently on the disk (segments
- * become views straight into the shared data pages, so O_DIRECT I/O lands in them without a
- * copy); responses are pushed in batches, one notification per batch when the frontend asked.
+ * Serves one disk (a BlockTarget) on one blkif ring, whatever carries the ring (the local memfd
+ * transport, the blktap device, a Xen guest through grant copy). Requests are copied out,
+ * validated on the copy, and run concurrently on the disk with buffers from the carrier's
+ * SegmentData (views straight into shared data pages on the local transport, so O_DIRECT I/O
+ * lands in them without a copy); responses are pushed in batches, one notification per batch
+ * when the frontend asked.
  */
 import type { BlockTarget } from "../drivers/target.ts";
+import type { Buffers } from "../io/engine.ts";
 import {
   BackRing,
   BLKIF_LAYOUT,
@@ -19,13 +22,14 @@ import {
   BLKIF_RSP_OKAY,
   type BlkifRequest,
 } from "./blkif.ts";
+import type { SegmentData } from "./segments.ts";
 
 /** What a ring's carrier provides. */
 export interface RingTransport {
-  /** The shared ring page. */
+  /** The shared ring (one or more contiguous pages). */
   readonly ring: Uint8Array;
-  /** The data pages segments refer to (page `gref` at `gref × 4096`). */
-  readonly data: Uint8Array;
+  /** Where the segments' data lives. */
+  readonly data: SegmentData;
   /** Waits for a kick from the frontend; false once the frontend is gone or the ring stops. */
   waitKick(): Promise<boolean>;
   /** Kicks the frontend. */
@@ -34,42 +38,67 @@ export interface RingTransport {
 
 const SECTOR = 512;
 const PAGE = BLKIF_LAYOUT.PAGE_SIZE;
+const L = BLKIF_LAYOUT;
 
-/** Counters a ring keeps (for logs and `tapd ctl stats` later). */
+/** Counters a ring keeps (for logs and `tapd ctl stats`). */
 export interface RingStats {
   requests: number;
   errors: number;
 }
+
+/** The ring broke its protocol (e.g. a producer jump): it must be stopped, not served. */
+export class RingProtocolError extends Error {}
 
 export class RingServer {
   readonly stats: RingStats = { requests: 0, errors: 0 };
   readonly #disk: BlockTarget;
   readonly #t: RingTransport;
   readonly #ring: BackRing;
-  readonly #dataPages: number;
+  readonly #sectors: number;
   #inflight = 0;
   #drained: (() => void) | null = null;
   #pushScheduled = false;
   #stopping = false;
+  #onError: (message: string) => void;
 
-  constructor(disk: BlockTarget, transport: RingTransport, initialise: boolean) {
+  constructor(
+    disk: BlockTarget,
+    transport: RingTransport,
+    initialise: boolean,
+    onError: (message: string) => void = () => {},
+  ) {
     this.#disk = disk;
     this.#t = transport;
     this.#ring = new BackRing(transport.ring);
     if (initialise) this.#ring.initShared();
-    this.#dataPages = Math.floor(transport.data.length / PAGE);
+    this.#sectors = Math.floor(disk.size / SECTOR);
+    this.#onError = onError;
   }
 
-  /** Serves until the frontend goes away or stop() is called; then waits for requests in flight. */
+  /** Entries in the ring. */
+  get ringSize(): number {
+    return this.#ring.size;
+  }
+
+  /**
+   * Serves until the frontend goes away or stop() is called; then waits for requests in flight.
+   * Throws RingProtocolError (after the drain) if the frontend broke the ring protocol.
+   */
   async run(): Promise<void> {
     const ring = this.#ring;
+    let broken: RingProtocolError | null = null;
     for (;;) {
+      if (ring.producerOverflow()) {
+        broken = new RingProtocolError("the frontend published more requests than the ring holds");
+        break;
+      }
       while (!this.#stopping && ring.unconsumed() > 0) this.#dispatch(ring.take());
       if (this.#stopping) break;
       if (ring.finalCheck()) continue;
       if (!(await this.#t.waitKick())) break;
     }
     if (this.#inflight > 0) await new Promise<void>((resolve) => this.#drained = resolve);
+    if (broken !== null) throw broken;
   }
 
   /** Stops taking requests (those in flight still complete); the transport must wake waitKick. */
@@ -88,7 +117,10 @@ export class RingServer {
     }
     work.then(
       () => this.#complete(req, BLKIF_RSP_OKAY),
-      (e) => this.#complete(req, e instanceof Unsupported ? BLKIF_RSP_EOPNOTSUPP : BLKIF_RSP_ERROR),
+      (e) => {
+        if (e instanceof Malformed) this.#onError((e as Error).message);
+        this.#complete(req, e instanceof Unsupported ? BLKIF_RSP_EOPNOTSUPP : BLKIF_RSP_ERROR);
+      },
     );
   }
 
@@ -112,45 +144,110 @@ export class RingServer {
     const disk = this.#disk;
     switch (req.operation) {
       case BLKIF_OP_READ:
-      case BLKIF_OP_WRITE: {
-        const { offset, bufs } = this.#segments(req, 1);
-        return req.operation === BLKIF_OP_READ ? disk.read(offset, bufs) : disk.write(offset, bufs);
+        return this.#transfer(req, req.segments, this.#direct(req, 1), false);
+      case BLKIF_OP_WRITE:
+        return this.#transfer(req, req.segments, this.#direct(req, 1), true);
+      case BLKIF_OP_INDIRECT: {
+        if (req.responseOp !== BLKIF_OP_READ && req.responseOp !== BLKIF_OP_WRITE) {
+          throw new Malformed(`indirect operation ${req.responseOp}`);
+        }
+        const segs = this.#indirectSegments(req);
+        return this.#transfer(req, segs, req.nrSegments, req.responseOp === BLKIF_OP_WRITE);
       }
-      case BLKIF_OP_FLUSH_DISKCACHE:
-        return disk.flush();
+      case BLKIF_OP_FLUSH_DISKCACHE: {
+        // A flush may carry data (written first); it completes once every completed write is durable.
+        if (req.nrSegments === 0) return disk.flush();
+        return this.#transfer(req, req.segments, this.#direct(req, 1), true).then(() =>
+          disk.flush()
+        );
+      }
       case BLKIF_OP_WRITE_BARRIER: {
         if (req.nrSegments === 0) return disk.flush();
-        const { offset, bufs } = this.#segments(req, 1);
-        return disk.flush().then(() => disk.write(offset, bufs)).then(() => disk.flush());
+        const n = this.#direct(req, 1);
+        return disk.flush().then(() => this.#transfer(req, req.segments, n, true)).then(() =>
+          disk.flush()
+        );
       }
       case BLKIF_OP_DISCARD: {
-        const offset = req.sector * SECTOR, length = req.nrSectors * SECTOR;
-        if (length === 0) return Promise.resolve();
-        return disk.discard(offset, length);
+        if (req.nrSectors === 0) return Promise.resolve();
+        this.#checkRange(req.sector, req.nrSectors);
+        return disk.discard(req.sector * SECTOR, req.nrSectors * SECTOR);
       }
-      case BLKIF_OP_INDIRECT:
-        throw new Unsupported("indirect requests");
       default:
-        throw new Malformed(`operation ${req.operation}`);
+        throw new Unsupported(`operation ${req.operation}`);
     }
   }
 
-  /** Views into the data pages for a read/write, after checking every segment. */
-  #segments(req: BlkifRequest, min: number): { offset: number; bufs: Uint8Array[] } {
+  /** The segment count of a direct request, checked. */
+  #direct(req: BlkifRequest, min: number): number {
     const n = req.nrSegments;
-    if (n < min || n > BLKIF_LAYOUT.MAX_SEGMENTS) throw new Malformed(`${n} segments`);
-    const bufs: Uint8Array[] = [];
-    const s = req.segments, data = this.#t.data;
+    if (n < min || n > L.MAX_SEGMENTS) throw new Malformed(`${n} segments`);
+    return n;
+  }
+
+  /** Reads an INDIRECT request's segment descriptors out of its pages (copied, then parsed). */
+  #indirectSegments(req: BlkifRequest): Uint32Array {
+    const n = req.nrSegments, max = this.#t.data.maxIndirectSegments;
+    if (max === 0) throw new Unsupported("indirect requests");
+    if (n < 1 || n > max) throw new Malformed(`indirect request with ${n} segments (max ${max})`);
+    const pages = Math.ceil(n / L.SEGMENTS_PER_INDIRECT_PAGE);
+    const bytes = this.#t.data.indirectPages(req.indirectGrefs!, pages);
+    const v = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    const segs = new Uint32Array(n * 3);
     for (let i = 0; i < n; i++) {
-      const gref = s[i * 3], first = s[i * 3 + 1], last = s[i * 3 + 2];
-      if (gref >= this.#dataPages || first > last || last >= PAGE / SECTOR) {
-        throw new Malformed(`segment ${i}: page ${gref}, sectors ${first}..${last}`);
-      }
-      bufs.push(data.subarray(gref * PAGE + first * SECTOR, gref * PAGE + (last + 1) * SECTOR));
+      const at = i * L.SEGMENT_SIZE;
+      segs[i * 3] = v.getUint32(at + L.OFF_SEG_GREF, true);
+      segs[i * 3 + 1] = v.getUint8(at + L.OFF_SEG_FIRST_SECT);
+      segs[i * 3 + 2] = v.getUint8(at + L.OFF_SEG_LAST_SECT);
     }
-    return { offset: req.sector * SECTOR, bufs };
+    return segs;
+  }
+
+  /** Checks `n` segments and the disk range they cover, then moves the data. */
+  #transfer(req: BlkifRequest, segs: Uint32Array, n: number, write: boolean): Promise<void> {
+    let sectors = 0;
+    for (let i = 0; i < n; i++) {
+      const first = segs[i * 3 + 1], last = segs[i * 3 + 2];
+      if (first > last || last >= PAGE / SECTOR) {
+        throw new Malformed(`segment ${i}: sectors ${first}..${last}`);
+      }
+      sectors += last - first + 1;
+    }
+    this.#checkRange(req.sector, sectors);
+    if (write && this.#disk.info.readOnly) throw new ReadOnly("write to a read-only disk");
+    const data = this.#t.data, disk = this.#disk, offset = req.sector * SECTOR;
+    let bufs: Buffers;
+    try {
+      bufs = data.acquire(segs, n, write);
+    } catch (e) {
+      throw new Malformed((e as Error).message);
+    }
+    if (write) {
+      return disk.write(offset, bufs).finally(() => data.release(bufs, segs, n, false));
+    }
+    return disk.read(offset, bufs).then(
+      () => {
+        try {
+          data.release(bufs, segs, n, true);
+        } catch (e) {
+          throw new Malformed((e as Error).message);
+        }
+      },
+      (e) => {
+        data.release(bufs, segs, n, false);
+        throw e;
+      },
+    );
+  }
+
+  /** Overflow-safe: `count` sectors from `sector` lie on the disk. */
+  #checkRange(sector: number, count: number): void {
+    if (sector > this.#sectors || count > this.#sectors - sector) {
+      throw new Malformed(`sectors ${sector}+${count} beyond the disk's ${this.#sectors}`);
+    }
   }
 }
 
 class Malformed extends Error {}
 class Unsupported extends Error {}
+class ReadOnly extends Error {}

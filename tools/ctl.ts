@@ -11,7 +11,7 @@ import { defaultControlSocket } from "../daemon/paths.ts";
 import { parseDiskSpec } from "../drivers/mod.ts";
 
 const OPTIONS_OF: Readonly<Record<string, readonly string[]>> = {
-  attach: ["nbd", "ring", "fuse", "read-only", "json"],
+  attach: ["nbd", "ring", "fuse", "xen", "read-only", "json"],
   list: ["json"],
   detach: [],
   pause: ["json"],
@@ -49,7 +49,7 @@ function diskId(text: string | undefined, verb: string): number {
 
 function describe(d: DiskRecord): string {
   const size = d.size === null ? "" : `, ${formatSize(d.size)}`;
-  const other = d.exports.filter((e) => e.startsWith("ring:") || e.startsWith("fuse:"))
+  const other = d.exports.filter((e) => /^(ring|fuse|xen):/.test(e))
     .map((e) => `  ${e}`);
   return [`disk ${d.id}: ${d.state} (${d.spec}${size})`, ...d.uris.map((u) => `  ${u}`), ...other]
     .join("\n");
@@ -60,11 +60,14 @@ export const ctlCommand: Command = {
   summary: "control a running tapd daemon: attach, list, detach, pause, resume, stats",
   usage: `Usage: tapd ctl [--control SOCK] COMMAND [ARGUMENTS]
 
-  attach SPEC [--nbd ADDR …] [--ring unix:PATH] [--fuse PATH] [--read-only]
+  attach SPEC [--nbd ADDR …] [--ring unix:PATH] [--fuse PATH] [--xen DOMID[:VDEV]]
+              [--read-only]
                       serve the disk SPEC (tap:TYPE:PATH) in a new tapdisk process; prints its
                       ID. ADDR: unix:PATH or tcp:HOST[:PORT]. --fuse PATH mounts the disk over
-                      the existing regular file PATH (use it with losetup --direct-io=on). With
-                      no export given it is served over NBD on STATE_DIR/nbd/ID.sock.
+                      the existing regular file PATH (use it with losetup --direct-io=on).
+                      --xen 3:xvdb serves it to Xen domain 3 as its device xvdb (VDEV default
+                      xvda; the daemon must run in dom0, see docs/xen.md). With no export
+                      given it is served over NBD on STATE_DIR/nbd/ID.sock.
   list [--json]       the disks: ID, state (starting, running, paused, stopping, failed), the
                       tapdisk's PID, size, spec, exports, and why a failed disk failed
   detach ID           stop serving (requests in flight finish, the disk is flushed and closed);
@@ -87,6 +90,7 @@ export const ctlCommand: Command = {
       nbd: { type: "string", multiple: true },
       ring: { type: "string" },
       fuse: { type: "string" },
+      xen: { type: "string" },
       "read-only": { type: "boolean" },
       reopen: { type: "string" },
       json: { type: "boolean", default: false },
@@ -99,7 +103,7 @@ export const ctlCommand: Command = {
         `ctl: unknown command "${verb}": expected one of ${Object.keys(OPTIONS_OF).join(", ")}`,
       );
     }
-    for (const name of ["nbd", "ring", "fuse", "read-only", "reopen"] as const) {
+    for (const name of ["nbd", "ring", "fuse", "xen", "read-only", "reopen"] as const) {
       if (values[name] !== undefined && !allowed.includes(name)) {
         throw new UsageError(`ctl: ${verb} takes no --${name}`);
       }
@@ -121,6 +125,7 @@ export const ctlCommand: Command = {
           nbd: (values.nbd ?? []).map(absoluteAddress),
           ring: values.ring === undefined ? null : absoluteAddress(values.ring),
           fuse: values.fuse === undefined ? null : absolute(values.fuse),
+          xen: values.xen ?? null,
           readOnly: values["read-only"] ?? false,
         };
         break;

@@ -74,6 +74,7 @@ async function attachDefault(daemon: Daemon, dir: string, port: number, log: Log
       nbd: [`tcp:127.0.0.1:${port}`, `unix:${dir}/nbd/default.sock`],
       ring: null,
       fuse: null,
+      xen: null,
       readOnly: false,
     });
   } catch (e) {

@@ -1,7 +1,7 @@
 /**
  * `tapd tapdisk`: one disk's server, as blktap's tapdisk was: opens the disk and serves it on a
- * blkif ring, NBD and/or a FUSE file until SIGTERM, then unmounts the file, finishes the requests
- * in flight, flushes and exits 0. Under the daemon (`--control stdio`) it also takes commands on
+ * blkif ring, NBD, a FUSE file and/or to a Xen guest until SIGTERM, then unmounts the file,
+ * unplugs the guest's device, finishes the requests in flight, flushes and exits 0. Under the daemon (`--control stdio`) it also takes commands on
  * stdin (daemon/tapdisk_control.ts).
  */
 import { parseChoice, parseCommandLine } from "../cli/args.ts";
@@ -13,11 +13,13 @@ import { TapdiskServer } from "../daemon/tapdisk_server.ts";
 import { MountError } from "../fuse/export.ts";
 import { ENGINE_KINDS } from "../io/engine.ts";
 import { parseNbdAddress } from "../nbd/address.ts";
+import { parseXenTarget, type XenTarget } from "../daemon/xen_target.ts";
 
 export const tapdiskCommand: Command = {
   name: "tapdisk",
-  summary: "serve one disk on a blkif shared ring, NBD and/or a FUSE file until SIGTERM",
-  usage: `Usage: tapd tapdisk SPEC [--ring unix:PATH] [--nbd ADDR …] [--fuse PATH] [--read-only]
+  summary: "serve one disk on a blkif shared ring, NBD, a FUSE file and/or to a Xen guest",
+  usage: `Usage: tapd tapdisk SPEC [--ring unix:PATH] [--nbd ADDR …] [--fuse PATH]
+                    [--xen DOMID[:VDEV]] [--xenstore PATH] [--read-only]
                     [--export-name NAME] [--engine aio|uring|sync] [--control stdio]
 
 Opens the disk SPEC (tap:TYPE:PATH) and serves it until SIGTERM or SIGINT; give at least one
@@ -29,11 +31,16 @@ export:
                      NAME (--export-name, default "") and the default export "".
   --fuse PATH        mount the disk over the existing regular file PATH (docs/fuse.md); with
                      --ring or --nbd too, the file bypasses the page cache.
+  --xen DOMID[:VDEV] serve the disk to Xen domain DOMID as its device VDEV (default xvda), as
+                     \`tapd xen-backend\` does (docs/xen.md); dom0 only. --xenstore PATH (or
+                     $TAPD_XENSTORE): xenstored's socket, or the xenbus device if under /dev/.
+                     $TAPD_XEN_UNPLUG_TIMEOUT_MS: how long a stop waits for the guest to
+                     release the device before disconnecting it (default 10000).
   --control stdio    run under \`tapd daemon\`: JSON-line commands on stdin (pause, resume,
                      stats, stop), replies and a "ready" event on stdout (docs/daemon.md); end
                      of stdin stops the disk, SIGINT is left to the daemon.
 
-SIGTERM: unmount the FUSE file, stop accepting, finish the requests in flight (and any held
+SIGTERM: unmount the FUSE file, unplug the Xen device, stop accepting, finish the requests in flight (and any held
 by a pause), flush, close, exit 0. While the FUSE file is in use (a loop device, an open
 descriptor) it says so and goes on serving until the file is free; SIGTERM again aborts the
 mount (its users get I/O errors). A \`stop\` command is refused instead, and the disk serves on.`,
@@ -43,6 +50,8 @@ mount (its users get I/O errors). A \`stop\` command is refused instead, and the
       ring: { type: "string" },
       nbd: { type: "string", multiple: true },
       fuse: { type: "string" },
+      xen: { type: "string" },
+      xenstore: { type: "string" },
       "read-only": { type: "boolean", default: false },
       "export-name": { type: "string", default: "" },
       engine: { type: "string" },
@@ -56,9 +65,26 @@ mount (its users get I/O errors). A \`stop\` command is refused instead, and the
     }
     const nbd = (values.nbd ?? []).map((a) => parseNbdAddress(a));
     if (values.fuse === "") throw new UsageError("tapdisk: --fuse needs a path");
-    if (values.ring === undefined && nbd.length === 0 && values.fuse === undefined) {
+    let xen: XenTarget | null = null;
+    if (values.xen !== undefined) {
+      try {
+        xen = parseXenTarget(values.xen);
+      } catch (e) {
+        throw new UsageError(`tapdisk: --xen: ${(e as Error).message}`);
+      }
+    }
+    if (
+      values.ring === undefined && nbd.length === 0 && values.fuse === undefined && xen === null
+    ) {
       throw new UsageError(
-        "tapdisk: give an export: --ring unix:PATH, --nbd ADDR and/or --fuse PATH",
+        "tapdisk: give an export: --ring unix:PATH, --nbd ADDR, --fuse PATH and/or --xen DOMID",
+      );
+    }
+    const xenstore = values.xenstore ?? (Deno.env.get("TAPD_XENSTORE") || undefined);
+    const unplugTimeout = Deno.env.get("TAPD_XEN_UNPLUG_TIMEOUT_MS");
+    if (unplugTimeout !== undefined && !/^[0-9]{1,7}$/.test(unplugTimeout)) {
+      throw new UsageError(
+        `tapdisk: TAPD_XEN_UNPLUG_TIMEOUT_MS must be milliseconds, not "${unplugTimeout}"`,
       );
     }
     if (values.control !== undefined && values.control !== "stdio") {
@@ -80,6 +106,12 @@ mount (its users get I/O errors). A \`stop\` command is refused instead, and the
       ring: values.ring?.slice(5) ?? null,
       nbd,
       fuse: values.fuse ?? null,
+      xen,
+      xenstore,
+      xenUnplugTimeoutMs: unplugTimeout === undefined ? undefined : Number(unplugTimeout),
+      onExportEnded: controlled
+        ? (name, reason) => sendToDaemon({ event: "ended", export: name, reason })
+        : undefined,
       exportName,
       log,
     });
@@ -103,7 +135,10 @@ mount (its users get I/O errors). A \`stop\` command is refused instead, and the
         await Promise.race([signals.next(), runStdioControl(server, log)]);
       } else {
         for (const uri of serving.uris) console.log(uri);
-        for (const e of serving.exports) if (e.startsWith("fuse:")) console.log(e.slice(5));
+        for (const e of serving.exports) {
+          if (e.startsWith("fuse:")) console.log(e.slice(5));
+          if (e.startsWith("xen:")) console.log(e);
+        }
         await signals.next();
       }
       log.info("stopping");

@@ -41,7 +41,6 @@ export class TestDaemon {
   stdout = "";
   stderr = "";
   readonly #drained: Promise<void>;
-  #exited = false;
 
   private constructor(dir: string, args: string[], env: Record<string, string>) {
     this.dir = dir;
@@ -59,7 +58,6 @@ export class TestDaemon {
       for await (const chunk of process.stderr) this.stderr += dec.decode(chunk);
     })();
     this.#drained = err;
-    this.process.status.then(() => this.#exited = true);
   }
 
   /** Starts a daemon (with no disk unless `args` says otherwise) and waits until it is ready. */
@@ -128,12 +126,16 @@ export class TestDaemon {
     try {
       pids = (await this.list()).flatMap((d) => d.pid === null ? [] : [d.pid]);
     } catch { /* the daemon is gone */ }
-    if (!this.#exited) await this.stop("SIGKILL");
+    // The children too before waiting: they hold the daemon's stderr open.
+    try {
+      this.process.kill("SIGKILL");
+    } catch { /* gone */ }
     for (const pid of pids) {
       try {
         Deno.kill(pid, "SIGKILL");
       } catch { /* gone */ }
     }
+    await this.process.status;
     await this.#drained;
     Deno.removeSync(this.dir, { recursive: true });
   }

@@ -12,6 +12,7 @@ Deno.test("tapd ctl: bad command lines exit 2 with one line, before contacting a
     [["attach"], /^tapd: ctl: attach: expected one disk spec$/],
     [["pause", "1", "--reopen", "x"], /^tapd: ctl: pause takes no --reopen$/],
     [["list", "--nbd", "unix:/x"], /^tapd: ctl: list takes no --nbd$/],
+    [["detach", "1", "--xen", "3"], /^tapd: ctl: detach takes no --xen$/],
     [["list", "--bogus"], /^tapd: ctl: Unknown option '--bogus'/],
   ];
   for (const [args, pattern] of cases) {
@@ -48,7 +49,12 @@ Deno.test("tapd daemon and tapdisk: usage errors exit 2", async () => {
   assertOneLineError(
     await tapd("tapdisk", "tap:aio:/x.img"),
     2,
-    /^tapd: tapdisk: give an export: --ring unix:PATH, --nbd ADDR and\/or --fuse PATH$/,
+    /^tapd: tapdisk: give an export: --ring unix:PATH, --nbd ADDR, --fuse PATH and\/or --xen DOMID$/,
+  );
+  assertOneLineError(
+    await tapd("tapdisk", "tap:aio:/x.img", "--xen", "0:xvda"),
+    2,
+    /^tapd: tapdisk: --xen: invalid Xen target "0:xvda": expected DOMID\[:VDEV\] with a guest domain id 1\.\.32751$/,
   );
   assertOneLineError(
     await tapd("tapdisk", "tap:aio:/x.img", "--nbd", "unix:/x", "--control", "tcp"),

@@ -956,7 +956,7 @@ static void start_malformed(enum mcase c)
     }
     int nr = -1; /* nr_segments, when not q->nseg */
     switch (c) {
-    case M_BAD_OP: break;
+    case M_BAD_OP: q->expect = X_ERR | X_NOTSUPP; break;
     case M_RESERVED_OP: q->expect = X_ERR | X_NOTSUPP; break;
     case M_READ_0SEG: case M_WRITE_0SEG: nr = 0; break;
     case M_READ_12SEG: whole_pages(q, 88); nr = 12; break;
