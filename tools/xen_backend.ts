@@ -9,6 +9,7 @@ import { createLogger } from "../cli/log.ts";
 import { SignalQueue } from "../cli/signals.ts";
 import { openDisk } from "../drivers/mod.ts";
 import { ENGINE_KINDS } from "../io/engine.ts";
+import { DATA_PATHS } from "../xen/kernel.ts";
 import { serveXenVbd } from "../xen/serve.ts";
 import { parseVdev } from "../xen/vbd_paths.ts";
 
@@ -17,6 +18,7 @@ export const xenBackendCommand: Command = {
   summary: "serve one disk to a Xen guest as /dev/xvdX from dom0 (userspace blkback)",
   usage: `Usage: tapd xen-backend SPEC --domid D [--vdev NAME] [--read-only] [--adopt]
                         [--engine aio|uring|sync] [--xenstore PATH] [--unplug-timeout S]
+                        [--data copy|map]
 
 Serves the disk SPEC (tap:TYPE:PATH) to Xen domain D as its block device NAME (default
 xvda; also xvdb…, hdX, sdX or a numeric devid). Run it in dom0 as root, with the xen-evtchn and
@@ -28,6 +30,10 @@ The guest may close and reopen the device (module reload, kexec): tapd stays. It
 guest's domain is destroyed, or on SIGTERM/SIGINT: then the device is unplugged (online=0;
 the guest releases it), requests in flight finish, and the disk is flushed and closed. If the
 guest keeps the disk busy past --unplug-timeout seconds (10), tapd disconnects anyway.
+
+--data: how data moves between the guest's pages and the disk: \`copy\` (default; grant copy
+into pooled buffers, nothing of the guest stays mapped) or \`map\` (each request's pages are
+mapped for its duration and the disk reads or writes them directly); see docs/xen.md.
 
 Examples:
   tapd xen-backend tap:qcow:/var/lib/vm/guest.qcow --domid 3 --vdev xvdb
@@ -42,6 +48,7 @@ Examples:
       engine: { type: "string" },
       xenstore: { type: "string" },
       "unplug-timeout": { type: "string", default: "10" },
+      data: { type: "string", default: "copy" },
     });
     if (positionals.length !== 1) throw new UsageError("xen-backend: expected one disk spec");
     const domidText = values.domid;
@@ -64,6 +71,7 @@ Examples:
     const engine = values.engine === undefined
       ? undefined
       : parseChoice(values.engine, "--engine", ENGINE_KINDS);
+    const dataPath = parseChoice(values.data, "--data", DATA_PATHS);
     const log = createLogger("xen-backend", { pid: Deno.pid });
     const disk = await openDisk(positionals[0], { readOnly: values["read-only"], engine });
     const signals = new SignalQueue();
@@ -74,6 +82,7 @@ Examples:
         adopt: values.adopt,
         xenstore: values.xenstore,
         unplugTimeoutMs: unplugTimeout * 1000,
+        dataPath,
         stop: signals.next(),
         log,
         ready: (backend) => console.log(backend),

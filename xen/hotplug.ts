@@ -49,11 +49,19 @@ export async function plugVbd(xs: XenStore, v: VbdLocation, options: PlugOptions
   });
 }
 
-/** Removes both directories of a vbd. */
+/** Removes both directories of a vbd (and the backend's per-guest directory once empty). */
 export async function unplugVbd(xs: XenStore, v: VbdLocation): Promise<void> {
   await xs.transaction(async (tx) => {
     await xs.rm(backendPath(v), tx);
     await xs.rm(frontendPath(v), tx);
+  });
+  await removeIfEmpty(xs, backendPath(v).replace(/\/[^/]+$/, ""));
+}
+
+/** Removes `path` if it has no children left (the guest's directory under our backend kind). */
+export async function removeIfEmpty(xs: XenStore, path: string): Promise<void> {
+  await xs.transaction(async (tx) => {
+    if ((await xs.directory(path, tx)).length === 0) await xs.rm(path, tx);
   });
 }
 

@@ -8,6 +8,7 @@ import { GrantCopyBatch, GrantDevice } from "../ffi/gntdev.ts";
 import { BLKIF_LAYOUT } from "../ring/blkif.ts";
 import type { SegmentData } from "../ring/segments.ts";
 import { GrantSegments } from "./grant_segments.ts";
+import { MappedSegments } from "./mapped_segments.ts";
 
 /** One bound event channel. */
 export interface EventPort extends Disposable {
@@ -66,9 +67,18 @@ class Dom0Port implements EventPort {
   }
 }
 
+/** How a request's data reaches the guest's pages (docs/xen.md). */
+export type DataPath = "copy" | "map";
+export const DATA_PATHS: readonly DataPath[] = ["copy", "map"];
+
 /** gntdev + evtchn of the running dom0 kernel. */
 export class Dom0Kernel implements XenKernel, Disposable {
   #gnt: GrantDevice | null = null;
+  readonly #dataPath: DataPath;
+
+  constructor(dataPath: DataPath = "copy") {
+    this.#dataPath = dataPath;
+  }
 
   get #grants(): GrantDevice {
     return this.#gnt ??= new GrantDevice();
@@ -83,6 +93,9 @@ export class Dom0Kernel implements XenKernel, Disposable {
   }
 
   segments(domid: number, maxIndirectSegments: number): SegmentData & Disposable {
+    if (this.#dataPath === "map") {
+      return new MappedSegments(this.#grants, domid, maxIndirectSegments);
+    }
     const batch = new GrantCopyBatch(
       Math.max(maxIndirectSegments, BLKIF_LAYOUT.MAX_SEGMENTS, BLKIF_LAYOUT.MAX_INDIRECT_PAGES),
     );

@@ -6,7 +6,7 @@
 import type { Logger } from "../cli/log.ts";
 import type { BlockTarget } from "../drivers/target.ts";
 import { domainExists, plugVbd, unplugVbd } from "./hotplug.ts";
-import { Dom0Kernel, type XenKernel } from "./kernel.ts";
+import { type DataPath, Dom0Kernel, type XenKernel } from "./kernel.ts";
 import { VbdBackend, type VbdLimits } from "./vbd_backend.ts";
 import { BACKEND_KIND, backendPath, type VbdLocation } from "./vbd_paths.ts";
 import { XenStore } from "./xenstore/client.ts";
@@ -25,6 +25,8 @@ export interface XenServeOptions {
   /** Called with the backend's xenstore path once the device waits for the guest. */
   ready?: (backendPath: string) => void;
   kernel?: XenKernel;
+  /** With the real kernel: grant copy (default) or grant mapping for the data. */
+  dataPath?: DataPath;
   limits?: Partial<VbdLimits>;
 }
 
@@ -45,7 +47,7 @@ export async function serveXenVbd(disk: BlockTarget, o: XenServeOptions): Promis
       `Cannot reach xenstored${xenstore ? ` at ${xenstore}` : ""}: ${(e as Error).message}`,
     );
   }
-  using ownKernel = o.kernel === undefined ? new Dom0Kernel() : null;
+  using ownKernel = o.kernel === undefined ? new Dom0Kernel(o.dataPath) : null;
   const kernel = o.kernel ?? ownKernel!;
   try {
     const v: VbdLocation = {

@@ -8,6 +8,7 @@
 import type { BlockTarget } from "../drivers/target.ts";
 import { RingProtocolError, RingServer, type RingTransport } from "../ring/server.ts";
 import type { SegmentData } from "../ring/segments.ts";
+import { removeIfEmpty } from "./hotplug.ts";
 import type { EventPort, XenKernel } from "./kernel.ts";
 import { backendPath, frontendPath, type VbdLocation } from "./vbd_paths.ts";
 import type { XenStore } from "./xenstore/client.ts";
@@ -346,6 +347,7 @@ export class VbdBackend {
     const xs = this.#xs;
     for (const [path, token] of this.#watches()) await xs.unwatch(path, token).catch(() => {});
     await xs.rm(this.be).catch(() => {});
+    await removeIfEmpty(xs, this.be.replace(/\/[^/]+$/, "")).catch(() => {});
     await xs.rm(`/local/domain/${this.#v.backendDomid}/error${this.be}`).catch(() => {});
     this.#state = S.Closed;
     this.#log(`vbd ${this.be}: closed: ${reason}`);

@@ -68,7 +68,8 @@ function checkQcowFile(path: string): Promise<CheckReport> {
       error(`L1 table (${l1Bytes} bytes at ${h.l1Offset}) goes past the end of the file`);
       return Promise.resolve(report);
     }
-    mark(0, h.l1Offset + l1Bytes); // header, backing name, L1
+    // header, backing name, L1 (written in whole sectors, as qemu-img and tapd create it)
+    mark(0, Math.min(fileSize, h.l1Offset + Math.ceil(l1Bytes / 512) * 512));
     const l1 = new Uint8Array(l1Bytes);
     file.readAt(l1, h.l1Offset);
     const l1v = new DataView(l1.buffer);
