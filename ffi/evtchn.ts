@@ -115,10 +115,11 @@ export class EventChannels implements Disposable {
 
   /** Resolves when an event may be pending or wake() was called. */
   async wait(): Promise<void> {
-    this.#pollfds[1] = POLLIN;
+    this.#pollfds[1] = POLLIN; // short events = POLLIN, short revents = 0 (little-endian)
     this.#pollfds[3] = POLLIN;
     await libc.poll_nb(this.#pollfds, 2n, -1);
-    libc.read(this.#wakeFd.fd, this.#scratch, 8n); // reset the wake counter (EAGAIN if unset)
+    // reset the wake counter only when it fired (saves a syscall on every event)
+    if (this.#pollfds[3] >>> 16 !== 0) libc.read(this.#wakeFd.fd, this.#scratch, 8n);
   }
 
   /** Ends a pending wait(). */

@@ -274,12 +274,14 @@ export class VbdBackend {
     const transport: RingTransport = {
       ring: ring.bytes.subarray(0, refs.length * PAGE),
       data,
+      // Called once the ring is empty: sleep until an event (one that came while we worked is
+      // still pending, so poll returns at once), then take and re-arm it.
       waitKick: async () => {
-        for (;;) {
-          if (q.stopped) return false;
-          if (q.port.drain() > 0) return true;
-          await q.port.wait();
-        }
+        if (q.stopped) return false;
+        await q.port.wait();
+        if (q.stopped) return false;
+        q.port.drain();
+        return true;
       },
       notify: () => {
         q.port.notify();

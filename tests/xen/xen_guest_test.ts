@@ -45,13 +45,14 @@ evtchn_fds() { n=0; for p in $(pidof deno); do n=$((n + $(ls -l /proc/$p/fd | gr
 vbd_nodes() { xenstore-ls /local/domain/0/backend/vbd3 2>/dev/null | wc -l; }
 
 note "scenario raw"
-start_guest g1 pattern tapd.seed=11 || exit 1
+GUEST_VCPUS=2 start_guest g1 pattern tapd.seed=11 || exit 1 # 2 vCPUs: blkfront uses 2 queues
 wait_guest_ready g1 || exit 1
 backend g1 "aio:$W/raw.img"
 P1=$BPID
 wait_guest_done g1 600
 report raw_guest "$?"
 ended "$P1" g1
+report raw_connect "$(grep -o 'connected to domain.*' "$W/g1.log" | head -n 1)"
 
 note "scenario qcow"
 start_guest g2 pattern tapd.seed=12 tapd.zero=0 || exit 1
@@ -214,6 +215,8 @@ Deno.test({
     assert.equal(r.raw_guest, "0", `guest g1 failed: ${explain(o)}`);
     assert.equal(r.g1_tapd_exit, "0", explain(o));
     assert.match(r.g1_tapd_last ?? "", /frontend vanished/, explain(o));
+    // blkfront with 2 vCPUs and a multi-page ring option: 2 queues of 4-page rings
+    assert.match(r.raw_connect ?? "", /2 queue\(s\), 4-page ring\(s\) of 128 requests/, explain(o));
     const want = await expected(null, 11, o.work);
     assert.equal(await sha(`${o.work}/raw.img`), await sha(want), "raw.img = zeros + the pattern");
   },

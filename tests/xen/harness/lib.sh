@@ -6,7 +6,7 @@
 # Environment: DENO (the deno binary on the share; always pass --no-prompt), DENO_DIR, HOME,
 # TAPD_HOST_REPO (the repo's host path, a link to /mnt/repo), TAPD_LIB (this file), and
 # whatever runXen's `env` option adds. Settings read here: GUEST_MEMORY (MiB, default 256),
-# GUEST_EXTRA_CFG (extra xl config lines for start_guest).
+# GUEST_VCPUS (default 1), GUEST_EXTRA_CFG (extra xl config lines for start_guest).
 
 XEN_LOG_DIR=/var/log/xen
 GUEST_KERNEL=/boot/vmlinux
@@ -48,7 +48,7 @@ kernel = "$GUEST_KERNEL"
 ramdisk = "$GUEST_RAMDISK"
 extra = "console=hvc0 quiet tapd.mode=$_mode $*"
 memory = ${GUEST_MEMORY:-256}
-vcpus = 1
+vcpus = ${GUEST_VCPUS:-1}
 on_poweroff = "destroy"
 on_reboot = "destroy"
 on_crash = "destroy"
