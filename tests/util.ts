@@ -119,3 +119,13 @@ export async function readRange(disk: Disk, offset: number, length: number): Pro
     sharedPool.give(buf);
   }
 }
+
+/** True if `path` exists (any kind of file). */
+export async function exists(path: string): Promise<boolean> {
+  try {
+    await Deno.stat(path);
+    return true;
+  } catch {
+    return false;
+  }
+}

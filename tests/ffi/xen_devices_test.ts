@@ -5,6 +5,7 @@
 import assert from "node:assert/strict";
 import { EVTCHN } from "../../ffi/evtchn.ts";
 import { GNTDEV, GrantCopyBatch, grantStatusName } from "../../ffi/gntdev.ts";
+import { exists } from "../util.ts";
 
 const source = new URL("./c/xen_devices.c", import.meta.url).pathname;
 
@@ -19,15 +20,6 @@ async function headerValues(): Promise<Record<string, number> | string> {
     return JSON.parse(new TextDecoder().decode(out.stdout));
   } finally {
     await Deno.remove(dir, { recursive: true });
-  }
-}
-
-async function exists(path: string): Promise<boolean> {
-  try {
-    await Deno.stat(path);
-    return true;
-  } catch {
-    return false;
   }
 }
 

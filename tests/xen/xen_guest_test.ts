@@ -201,14 +201,23 @@ async function qcowToRaw(qcow: string, out: string): Promise<void> {
   await run(`${REPO}/tapd`, ["qcow2raw", out, qcow]);
 }
 
-Deno.test({
-  name: "xen guest: a PV guest writes and reads back its pattern on a raw image served by tapd",
-  ignore: skip !== null,
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const o = await boot();
-    const r = o.run.reports;
+/** One test over the shared boot: `check` reads its reports and the images it left. */
+function scenario(name: string, check: (o: Outcome, r: Record<string, string>) => Promise<void>) {
+  Deno.test({
+    name: `xen guest: ${name}`,
+    ignore: skip !== null,
+    sanitizeResources: false,
+    sanitizeOps: false,
+    async fn() {
+      const o = await boot();
+      await check(o, o.run.reports);
+    },
+  });
+}
+
+scenario(
+  "a PV guest writes and reads back its pattern on a raw image served by tapd",
+  async (o, r) => {
     console.log(
       `xen: boot ${o.run.bootMs} ms, script ${o.run.scriptMs} ms, total ${o.run.durationMs} ms`,
     );
@@ -220,16 +229,11 @@ Deno.test({
     const want = await expected(null, 11, o.work);
     assert.equal(await sha(`${o.work}/raw.img`), await sha(want), "raw.img = zeros + the pattern");
   },
-});
+);
 
-Deno.test({
-  name: "xen guest: qcow overlay on a raw parent (parent unchanged), and ext4 made by the guest",
-  ignore: skip !== null,
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const o = await boot();
-    const r = o.run.reports;
+scenario(
+  "qcow overlay on a raw parent (parent unchanged), and ext4 made by the guest",
+  async (o, r) => {
     assert.equal(r.qcow_guest, "0", `guest g2 failed: ${explain(o)}`);
     assert.equal(r.mkfs_guest, "0", `guest g3 failed: ${explain(o)}`);
     assert.equal(r.g2_tapd_exit, "0", explain(o));
@@ -254,17 +258,11 @@ Deno.test({
     assert.match(listing, /big\.bin/);
     assert.match(listing, /6291456/);
   },
-});
+);
 
-Deno.test({
-  name:
-    "xen guest: stop tapd (the guest lets go of the idle disk), start it again, the guest sees it again",
-  ignore: skip !== null,
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const o = await boot();
-    const r = o.run.reports;
+scenario(
+  "stop tapd (the guest lets go of the idle disk), start it again, the guest sees it again",
+  async (o, r) => {
     assert.equal(r.reattach_first, "0", explain(o));
     assert.equal(r.g4_tapd_exit, "0", explain(o));
     assert.match(r.g4_tapd_last ?? "", /reason=unplugged|unplugged/, explain(o));
@@ -273,18 +271,12 @@ Deno.test({
     assert.equal(r.reattach_guest, "0", `guest g4 failed: ${explain(o)}`);
     assert.equal(r.g4b_tapd_exit, "0", explain(o));
   },
-});
+);
 
-Deno.test({
-  name:
-    "xen guest: the daemon survives a guest destroyed mid-I/O, leaks nothing, and serves a second guest",
-  ignore: skip !== null,
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
+scenario(
+  "the daemon survives a guest destroyed mid-I/O, leaks nothing, and serves a second guest",
+  async (o, r) => {
     try {
-      const o = await boot();
-      const r = o.run.reports;
       assert.equal(r.daemon_attach5, "0", explain(o));
       assert.equal(r.daemon_busy, "0", explain(o));
       assert.equal(r.daemon_destroyed, "0", "g5 left xl list (no zombie held by our mappings)");
@@ -304,4 +296,4 @@ Deno.test({
       for (const d of dirs) await Deno.remove(d, { recursive: true }).catch(() => {});
     }
   },
-});
+);
