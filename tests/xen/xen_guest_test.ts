@@ -202,7 +202,10 @@ async function qcowToRaw(qcow: string, out: string): Promise<void> {
 }
 
 /** One test over the shared boot: `check` reads its reports and the images it left. */
-function scenario(name: string, check: (o: Outcome, r: Record<string, string>) => Promise<void>) {
+function scenario(
+  name: string,
+  check: (o: Outcome, r: Record<string, string>) => void | Promise<void>,
+) {
   Deno.test({
     name: `xen guest: ${name}`,
     ignore: skip !== null,
@@ -262,7 +265,7 @@ scenario(
 
 scenario(
   "stop tapd (the guest lets go of the idle disk), start it again, the guest sees it again",
-  async (o, r) => {
+  (o, r) => {
     assert.equal(r.reattach_first, "0", explain(o));
     assert.equal(r.g4_tapd_exit, "0", explain(o));
     assert.match(r.g4_tapd_last ?? "", /reason=unplugged|unplugged/, explain(o));
