@@ -146,14 +146,7 @@ export class TapdiskServer {
     const early = serving.then((reason) => {
       throw new Error(`${name} ended before the device was plugged: ${reason}`);
     });
-    try {
-      await Promise.race([ready, early]);
-    } catch (e) {
-      // An explicit --xenstore that cannot be opened fails with a bare OS error.
-      if (!Object.values(Deno.errors).some((c) => e instanceof c)) throw e;
-      const where = o.xenstore === undefined ? "" : ` at "${o.xenstore}"`;
-      throw new Error(`Cannot reach xenstored${where}: ${(e as Error).message}`);
-    }
+    await Promise.race([ready, early]); // serveXenVbd's errors are one-line already
     const xen: XenServing = {
       name,
       stop: () => {

@@ -43,9 +43,9 @@ export async function serveXenVbd(disk: BlockTarget, o: XenServeOptions): Promis
         : { socket: xenstore },
     );
   } catch (e) {
-    throw new Error(
-      `Cannot reach xenstored${xenstore ? ` at ${xenstore}` : ""}: ${(e as Error).message}`,
-    );
+    const why = (e as Error).message.replace(/^Cannot reach xenstored: /, "");
+    const at = xenstore ? ` at ${xenstore}` : "";
+    throw new Error(`Cannot reach xenstored${at} (is this Xen's dom0?): ${why}`);
   }
   using ownKernel = o.kernel === undefined ? new Dom0Kernel(o.dataPath) : null;
   const kernel = o.kernel ?? ownKernel!;
