@@ -98,22 +98,6 @@ export class GrantDevice implements Disposable {
     check(libc.ioctl(this.handle.fd, GNTDEV.IOCTL_UNMAP_GRANT_REF, arg), "ioctl(UNMAP_GRANT_REF)");
   }
 
-  /**
-   * Asks the kernel to signal `port` once the last reference to a mapping goes away (e.g. when
-   * this process dies): the frontend learns the backend is gone.
-   */
-  unmapNotify(mapping: GrantMapping, port: number): void {
-    const arg = new Uint8Array(16);
-    const v = new DataView(arg.buffer);
-    v.setBigUint64(0, mapping.index, true);
-    v.setUint32(8, GNTDEV.UNMAP_NOTIFY_SEND_EVENT, true);
-    v.setUint32(12, port, true);
-    check(
-      libc.ioctl(this.handle.fd, GNTDEV.IOCTL_SET_UNMAP_NOTIFY, arg),
-      "ioctl(SET_UNMAP_NOTIFY)",
-    );
-  }
-
   /** Runs the first `count` segments of `batch`; per-segment results are in batch.status(i). */
   copy(batch: GrantCopyBatch, count: number): void {
     batch.setCount(count);

@@ -5,7 +5,7 @@
  * guest is mapped, so nothing can leak or pin its pages when it dies. The copy is one ioctl per
  * request: Xen copies up to a few hundred KiB in microseconds, so it runs on the event loop.
  */
-import { type GrantCopyBatch, type GrantDevice, GrantError } from "../ffi/gntdev.ts";
+import { GrantCopyBatch, GrantError } from "../ffi/gntdev.ts";
 import { addressOf, AlignedMemory } from "../ffi/memory.ts";
 import type { Buffers } from "../io/engine.ts";
 import { type BufferPool, sharedPool } from "../io/buffer_pool.ts";
@@ -28,16 +28,18 @@ export class GrantSegments implements SegmentData, Disposable {
   readonly #indirect: AlignedMemory;
   readonly #pool: BufferPool;
 
+  /** `gnt` runs the copies (gntdev; a fake in unit tests); the segment batch is made here. */
   constructor(
-    gnt: GrantDevice | GrantCopier,
+    gnt: GrantCopier,
     domid: number,
-    batch: GrantCopyBatch,
     maxIndirectSegments: number,
     pool: BufferPool = sharedPool,
   ) {
     this.#gnt = gnt;
     this.#domid = domid;
-    this.#batch = batch;
+    this.#batch = new GrantCopyBatch(
+      Math.max(maxIndirectSegments, BLKIF_LAYOUT.MAX_SEGMENTS, BLKIF_LAYOUT.MAX_INDIRECT_PAGES),
+    );
     this.maxIndirectSegments = maxIndirectSegments;
     this.#indirect = new AlignedMemory(BLKIF_LAYOUT.MAX_INDIRECT_PAGES * PAGE);
     this.#pool = pool;
@@ -98,5 +100,6 @@ export class GrantSegments implements SegmentData, Disposable {
 
   [Symbol.dispose](): void {
     this.#indirect[Symbol.dispose]();
+    this.#batch[Symbol.dispose]();
   }
 }

@@ -4,8 +4,7 @@
  * evtchn); the state-machine tests plug in an in-process fake.
  */
 import { EventChannels } from "../ffi/evtchn.ts";
-import { GrantCopyBatch, GrantDevice } from "../ffi/gntdev.ts";
-import { BLKIF_LAYOUT } from "../ring/blkif.ts";
+import { GrantDevice } from "../ffi/gntdev.ts";
 import type { SegmentData } from "../ring/segments.ts";
 import { GrantSegments } from "./grant_segments.ts";
 import { MappedSegments } from "./mapped_segments.ts";
@@ -96,20 +95,7 @@ export class Dom0Kernel implements XenKernel, Disposable {
     if (this.#dataPath === "map") {
       return new MappedSegments(this.#grants, domid, maxIndirectSegments);
     }
-    const batch = new GrantCopyBatch(
-      Math.max(maxIndirectSegments, BLKIF_LAYOUT.MAX_SEGMENTS, BLKIF_LAYOUT.MAX_INDIRECT_PAGES),
-    );
-    const segs = new GrantSegments(this.#grants, domid, batch, maxIndirectSegments);
-    return {
-      maxIndirectSegments,
-      indirectPages: (g, c) => segs.indirectPages(g, c),
-      acquire: (s, n, w) => segs.acquire(s, n, w),
-      release: (b, s, n, d) => segs.release(b, s, n, d),
-      [Symbol.dispose]() {
-        segs[Symbol.dispose]();
-        batch[Symbol.dispose]();
-      },
-    };
+    return new GrantSegments(this.#grants, domid, maxIndirectSegments);
   }
 
   [Symbol.dispose](): void {

@@ -4,11 +4,10 @@
  * to and from them by decoding the real GrantCopyBatch segments, and carries events both ways.
  * It counts what is mapped and bound, so tests can assert that teardown released everything.
  */
-import { GNTDEV, GrantCopyBatch } from "../../ffi/gntdev.ts";
+import { GNTDEV, type GrantCopyBatch } from "../../ffi/gntdev.ts";
 import { foreignMemory } from "../../ffi/memory.ts";
 import { GrantSegments } from "../../xen/grant_segments.ts";
 import type { EventPort, XenKernel } from "../../xen/kernel.ts";
-import { BLKIF_LAYOUT } from "../../ring/blkif.ts";
 import type { SegmentData } from "../../ring/segments.ts";
 
 const PAGE = 4096;
@@ -143,11 +142,9 @@ export class FakeKernel implements XenKernel {
   }
 
   segments(domid: number, maxIndirectSegments: number): SegmentData & Disposable {
-    const batch = new GrantCopyBatch(Math.max(maxIndirectSegments, BLKIF_LAYOUT.MAX_SEGMENTS, 8));
     const segs = new GrantSegments(
       { copy: (b, n) => this.#copy(b, n) },
       domid,
-      batch,
       maxIndirectSegments,
     );
     this.openSegments++;
@@ -162,7 +159,6 @@ export class FakeKernel implements XenKernel {
         open = false;
         this.openSegments--;
         segs[Symbol.dispose]();
-        batch[Symbol.dispose]();
       },
     };
   }
