@@ -132,24 +132,18 @@ export class AioEngine extends QueueEngine {
     return done;
   }
 
-  protected reap(): number {
+  protected reapOne(): boolean {
     // Completions are read straight from the kernel's completion ring (mapped at the context's
     // address), as fio's userspace_reap does: no system call per reap.
     const r = this.#ring;
-    const tail = Atomics.load(r, RING_TAIL);
-    let head = r[RING_HEAD];
-    if (head === tail) return 0;
-    let n = 0;
-    while (head !== tail) {
-      const e = RING_EVENTS + head * (IO_EVENT_SIZE / 4);
-      // res is an i64; transfers are < 2 GiB, so its low word read as i32 is the value or -errno.
-      const slot = r[e], res = r[e + 4] | 0;
-      head = head + 1 === this.#ringSize ? 0 : head + 1;
-      Atomics.store(r, RING_HEAD, head);
-      this.complete(slot, res);
-      n++;
-    }
-    return n;
+    const head = r[RING_HEAD];
+    if (head === Atomics.load(r, RING_TAIL)) return false;
+    const e = RING_EVENTS + head * (IO_EVENT_SIZE / 4);
+    // res is an i64; transfers are < 2 GiB, so its low word read as i32 is the value or -errno.
+    const slot = r[e], res = r[e + 4] | 0;
+    Atomics.store(r, RING_HEAD, head + 1 === this.#ringSize ? 0 : head + 1);
+    this.complete(slot, res);
+    return true;
   }
 
   protected takeUnsubmitted(): number[] {

@@ -150,18 +150,15 @@ export class UringEngine extends QueueEngine {
     throw new SysError(-rc, "io_uring_enter");
   }
 
-  protected reap(): number {
+  protected reapOne(): boolean {
     const cq = this.#cq;
-    let head = cq[this.#cqHead];
-    const tail = Atomics.load(cq, this.#cqTail);
-    const n = (tail - head) >>> 0;
-    while (head !== tail) {
-      const c = this.#cqes + (head & this.#cqMask) * (CQE_SIZE / 4);
-      head = (head + 1) >>> 0;
-      this.complete(cq[c], cq[c + 2] | 0);
-    }
-    if (n > 0) Atomics.store(cq, this.#cqHead, head);
-    return n;
+    const head = cq[this.#cqHead];
+    if (head === Atomics.load(cq, this.#cqTail)) return false;
+    const c = this.#cqes + (head & this.#cqMask) * (CQE_SIZE / 4);
+    const slot = cq[c], res = cq[c + 2] | 0;
+    Atomics.store(cq, this.#cqHead, (head + 1) >>> 0);
+    this.complete(slot, res);
+    return true;
   }
 
   protected takeUnsubmitted(): number[] {
