@@ -1,6 +1,6 @@
 /**
  * The local ring transport (docs/ring.md): any process on the host attaches by connecting to a
- * Unix socket and receives the ring memory (a memfd holding the ring page and 352 data pages)
+ * Unix socket and receives the ring memory (a memfd holding the ring pages and the data pages)
  * and two eventfds, kick and notify. Each connection is one ring, served by a RingServer until
  * the frontend closes its end.
  */
@@ -9,15 +9,21 @@ import { EventFd, type FileHandle, memfd } from "../ffi/file.ts";
 import { libc } from "../ffi/libc.ts";
 import { Mapping } from "../ffi/memory.ts";
 import { sendWithFds, UnixListener } from "../ffi/socket.ts";
-import { BLKIF_LAYOUT } from "./blkif.ts";
+import { BLKIF_LAYOUT, ringEntries } from "./blkif.ts";
 import { PageSegments } from "./segments.ts";
 import { RingServer, type RingTransport } from "./server.ts";
 
 export const ATTACH_MAGIC = "TAPDRING";
-export const ATTACH_VERSION = 1;
+export const ATTACH_VERSION = 2;
 export const ATTACH_SIZE = 64;
-export const RING_PAGES = 1;
-export const DATA_PAGES = BLKIF_LAYOUT.RING_SIZE * BLKIF_LAYOUT.MAX_SEGMENTS;
+/** Four ring pages: 128 requests in flight (Xen's blkback offers up to 16 pages). */
+export const RING_PAGES = 4;
+export const MAX_INDIRECT_SEGMENTS = 256;
+/**
+ * Data pages: 65 per ring entry, so that a frontend can give each entry a 256 KiB request and
+ * its indirect descriptor page. The memfd is sparse: only pages in use cost memory.
+ */
+export const DATA_PAGES = ringEntries(RING_PAGES * BLKIF_LAYOUT.PAGE_SIZE) * 65;
 export const FLAG_READ_ONLY = 1;
 export const FLAG_FLUSH = 2;
 export const FLAG_DISCARD = 4;
@@ -35,6 +41,7 @@ export function attachMessage(disk: BlockTarget): Uint8Array {
   v.setUint32(32, disk.info.logicalSectorSize, true);
   v.setUint32(36, (disk.info.readOnly ? FLAG_READ_ONLY : 0) | FLAG_FLUSH | FLAG_DISCARD, true);
   v.setUint32(40, BLKIF_LAYOUT.MAX_SEGMENTS, true);
+  v.setUint32(44, MAX_INDIRECT_SEGMENTS, true);
   return msg;
 }
 
@@ -53,8 +60,11 @@ class LocalRing implements RingTransport {
     this.#conn = conn;
     const size = (RING_PAGES + DATA_PAGES) * BLKIF_LAYOUT.PAGE_SIZE;
     this.#map = new Mapping(memfdFd, size, { what: "ring memory" });
-    this.ring = this.#map.bytes.subarray(0, BLKIF_LAYOUT.PAGE_SIZE);
-    this.data = new PageSegments(this.#map.bytes.subarray(RING_PAGES * BLKIF_LAYOUT.PAGE_SIZE));
+    this.ring = this.#map.bytes.subarray(0, RING_PAGES * BLKIF_LAYOUT.PAGE_SIZE);
+    this.data = new PageSegments(
+      this.#map.bytes.subarray(RING_PAGES * BLKIF_LAYOUT.PAGE_SIZE),
+      MAX_INDIRECT_SEGMENTS,
+    );
   }
 
   /** Sends the attach message with the memfd and both eventfds (after the ring is initialised). */

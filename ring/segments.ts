@@ -29,31 +29,59 @@ export interface SegmentData {
   release(bufs: Buffers, segs: Uint32Array, n: number, deliver: boolean): void;
 }
 
-/** Segments as indexes into data pages shared with the frontend: buffers are views, no copy. */
+/**
+ * Segments as indexes into data pages shared with the frontend: buffers are views, no copy.
+ * Segments that continue each other in memory (a whole page, then the next page from its
+ * start) become one buffer, so a large request reaches the kernel as one transfer.
+ */
 export class PageSegments implements SegmentData {
-  readonly maxIndirectSegments = 0;
+  readonly maxIndirectSegments: number;
   readonly #data: Uint8Array;
   readonly #pages: number;
+  #scratch: Uint8Array | null = null;
 
-  constructor(data: Uint8Array) {
+  constructor(data: Uint8Array, maxIndirectSegments = 0) {
     this.#data = data;
     this.#pages = Math.floor(data.length / PAGE);
+    this.maxIndirectSegments = maxIndirectSegments;
   }
 
-  indirectPages(): Uint8Array {
-    throw new RangeError("indirect requests are not offered on this ring");
+  indirectPages(grefs: Uint32Array, count: number): Uint8Array {
+    if (this.maxIndirectSegments === 0) {
+      throw new RangeError("indirect requests are not offered on this ring");
+    }
+    for (let i = 0; i < count; i++) {
+      if (grefs[i] >= this.#pages) {
+        throw new RangeError(`indirect page ${i}: no data page ${grefs[i]}`);
+      }
+    }
+    if (count === 1) return this.#data.subarray(grefs[0] * PAGE, (grefs[0] + 1) * PAGE);
+    if (this.#scratch === null || this.#scratch.length < count * PAGE) {
+      this.#scratch = new Uint8Array(count * PAGE);
+    }
+    for (let i = 0; i < count; i++) {
+      this.#scratch.set(this.#data.subarray(grefs[i] * PAGE, (grefs[i] + 1) * PAGE), i * PAGE);
+    }
+    return this.#scratch.subarray(0, count * PAGE);
   }
 
   acquire(segs: Uint32Array, n: number): Buffers {
     const bufs: Uint8Array[] = [];
+    let start = -1, end = -1; // byte range of the buffer being built
     for (let i = 0; i < n; i++) {
       const page = segs[i * 3], first = segs[i * 3 + 1], last = segs[i * 3 + 2];
       if (page >= this.#pages) throw new RangeError(`segment ${i}: no data page ${page}`);
-      bufs.push(
-        this.#data.subarray(page * PAGE + first * SECTOR, page * PAGE + (last + 1) * SECTOR),
-      );
+      const from = page * PAGE + first * SECTOR, to = page * PAGE + (last + 1) * SECTOR;
+      if (from === end) {
+        end = to;
+        continue;
+      }
+      if (start >= 0) bufs.push(this.#data.subarray(start, end));
+      start = from;
+      end = to;
     }
-    return bufs;
+    if (start >= 0) bufs.push(this.#data.subarray(start, end));
+    return bufs.length === 1 ? bufs[0] : bufs;
   }
 
   release(): void {}

@@ -59,6 +59,9 @@ export class RingServer {
   #drained: (() => void) | null = null;
   #pushScheduled = false;
   #stopping = false;
+  #broken: RingProtocolError | null = null;
+  /** The loop runs: requests may be taken (also after a push of responses). */
+  #taking = false;
   #onError: (message: string) => void;
 
   constructor(
@@ -86,19 +89,34 @@ export class RingServer {
    */
   async run(): Promise<void> {
     const ring = this.#ring;
-    let broken: RingProtocolError | null = null;
+    this.#taking = true;
     for (;;) {
-      if (ring.producerOverflow()) {
-        broken = new RingProtocolError("the frontend published more requests than the ring holds");
-        break;
-      }
-      while (!this.#stopping && ring.unconsumed() > 0) this.#dispatch(ring.take());
-      if (this.#stopping) break;
+      this.#take();
+      if (this.#stopping || this.#broken !== null) break;
       if (ring.finalCheck()) continue;
       if (!(await this.#t.waitKick())) break;
     }
+    this.#taking = false; // from here on only requests in flight finish
     if (this.#inflight > 0) await new Promise<void>((resolve) => this.#drained = resolve);
-    if (broken !== null) throw broken;
+    if (this.#broken !== null) throw this.#broken;
+  }
+
+  /**
+   * Dispatches every request the frontend has published. Called by the loop above after a
+   * kick, and after each push of responses: a frontend that is busy answering them publishes
+   * new requests meanwhile, and they start without waiting for the kick to wake the loop.
+   */
+  #take(): void {
+    const ring = this.#ring;
+    if (this.#broken !== null) return;
+    if (ring.producerOverflow()) {
+      // Seen by the loop when it next wakes; nothing more is taken from this ring.
+      this.#broken = new RingProtocolError(
+        "the frontend published more requests than the ring holds",
+      );
+      return;
+    }
+    while (!this.#stopping && ring.unconsumed() > 0) this.#dispatch(ring.take());
   }
 
   /** Stops taking requests (those in flight still complete); the transport must wake waitKick. */
@@ -137,6 +155,7 @@ export class RingServer {
   #push = (): void => {
     this.#pushScheduled = false;
     if (this.#ring.pushResponses()) this.#t.notify();
+    if (this.#taking) this.#take();
   };
 
   /** Runs one request; throws (Malformed/Unsupported or the disk's error) for an error response. */
@@ -191,7 +210,12 @@ export class RingServer {
     if (max === 0) throw new Unsupported("indirect requests");
     if (n < 1 || n > max) throw new Malformed(`indirect request with ${n} segments (max ${max})`);
     const pages = Math.ceil(n / L.SEGMENTS_PER_INDIRECT_PAGE);
-    const bytes = this.#t.data.indirectPages(req.indirectGrefs!, pages);
+    let bytes: Uint8Array;
+    try {
+      bytes = this.#t.data.indirectPages(req.indirectGrefs!, pages);
+    } catch (e) {
+      throw new Malformed((e as Error).message);
+    }
     const v = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
     const segs = new Uint32Array(n * 3);
     for (let i = 0; i < n; i++) {

@@ -151,7 +151,8 @@ Options:
   --engine aio|uring|sync              I/O engine for file-backed disks
   --direct on|off|auto                 O_DIRECT (default: on for aio, off for sync)
   --batch N                            most requests per io_submit/io_uring_enter (default 1)
-  --poll-us N                          poll for completions N µs before sleeping (default 0)
+  --poll-us N                          poll for completions (with --ring: responses) N µs
+                                       before sleeping (default 0)
   --cpus LIST                          pin the process to these CPUs, e.g. 0 or 0,2-3 (as taskset)
   --offset SIZE, --size SIZE           use only this window of the disk (default: all of it)
   --ring unix:PATH                     drive a running \`tapd tapdisk\` through its blkif ring
@@ -217,7 +218,7 @@ Writes overwrite the disk's contents.`,
         throw new UsageError(`bench: invalid --ring "${values.ring}": expected unix:PATH`);
       }
       spec = values.ring;
-      const frontend = new RingFrontend(values.ring.slice(5));
+      const frontend = new RingFrontend(values.ring.slice(5), { pollMicros });
       try {
         r = await runBench(frontend, options);
       } finally {

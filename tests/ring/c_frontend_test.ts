@@ -1,9 +1,9 @@
 /**
  * `tapd tapdisk SPEC --ring unix:PATH` driven end to end by an independent frontend written in C
- * against Xen's own ring macros (tests/ring/c/frontend.c): random I/O with the ring kept full and
- * every read checked against a shadow of the disk, malformed requests, frontends that vanish
- * mid-flight, two frontends at once, and a read-only disk. The image left behind is compared with
- * the frontend's shadow after tapdisk has stopped (SIGTERM, exit 0).
+ * against Xen's own ring macros (tests/ring/c/frontend.c): random I/O, direct and INDIRECT, with
+ * the ring kept full and every read checked against a shadow of the disk, malformed requests,
+ * frontends that vanish mid-flight, two frontends at once, and a read-only disk. The image left
+ * behind is compared with the frontend's shadow after tapdisk has stopped (SIGTERM, exit 0).
  *
  * TAPD_RING_TEST_TAPD may name another program to run as `tapd` (e.g. a reference backend).
  */
@@ -129,6 +129,16 @@ async function withTapdisk(
   }
 }
 
+/**
+ * Fails unless a verify run that tapdisk offered INDIRECT requests to (max_indirect > 11 in its
+ * stderr summary) issued some.
+ */
+function assertIndirectUsed(run: FrontendRun, what: string): void {
+  const m = / (\d+) indirect \(\d+ segments, max_indirect (\d+)\)/.exec(run.stderr);
+  assert.ok(m, `${what}: no verify summary on stderr: ${run.stderr.trim()}`);
+  if (Number(m[2]) > 11) assert.ok(Number(m[1]) > 0, `${what}: no INDIRECT request: ${m[0]}`);
+}
+
 /** Runs the frontend against t and fails (with tapdisk's stderr if it died) unless `ok N`. */
 async function frontend(t: Tapdisk, what: string, ...args: string[]): Promise<FrontendRun> {
   const bin = await buildFrontend();
@@ -168,13 +178,14 @@ function assertSameDisk(image: Uint8Array, expected: Uint8Array, what: string): 
 const DISK = 64 * MiB;
 
 ringTest(
-  "ring: C frontend, raw disk: 20000 random ops, 32 in flight, image = shadow",
+  "ring: C frontend, raw disk: 20000 random ops, the ring kept full, image = shadow",
   async (dir) => {
     const img = `${dir}/disk.img`, ref = `${dir}/ref.img`, shadow = `${dir}/shadow.img`;
     randomImage(img, DISK, 1);
     Deno.copyFileSync(img, ref);
     await withTapdisk(dir, `tap:aio:${img}`, async (t) => {
-      await frontend(t, "verify", "verify", ref, "20000", "101", shadow);
+      const run = await frontend(t, "verify", "verify", ref, "20000", "101", shadow);
+      assertIndirectUsed(run, "verify");
       await t.stop();
     });
     assertSameDisk(Deno.readFileSync(img), Deno.readFileSync(shadow), "image vs shadow");

@@ -4,6 +4,8 @@
  * It speaks the ring through Xen's own public headers (xen/io/ring.h, xen/io/blkif.h): the ring
  * types come from DEFINE_RING_TYPES in blkif.h, and every index update, notification decision and
  * final check goes through the header's macros, so it is an independent check of tapd's ring code.
+ * It speaks version 2 of the attach protocol: a ring of any size up to 256 entries, and INDIRECT
+ * requests (struct blkif_request_indirect, descriptors in data pages) when tapdisk offers them.
  *
  * Usage:
  *   frontend layout
@@ -51,12 +53,24 @@
 
 #define SECTOR 512
 #define SECTORS_PER_PAGE 8
+#define PAGE_BYTES 4096
 #define MAX_SEGS BLKIF_MAX_SEGMENTS_PER_REQUEST
+/* Segment descriptors in one indirect page: 512. */
+#define DESCS_PER_PAGE (PAGE_BYTES / sizeof(struct blkif_request_segment))
+/* The most descriptors one INDIRECT request can name (8 pages of 512). */
+#define MAX_INDIRECT_NAMEABLE (BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST * DESCS_PER_PAGE)
+#define IND_SEGS_MAX 128       /* verify: most segments in one INDIRECT request */
+#define REQ_SEGS 512           /* segments a tracked request can describe (one descriptor page) */
 #define WAIT_MS 15000          /* longest wait for one notification */
 #define POISON 0xA5            /* read pages are filled with this before the request */
 #define JUNK 0xEE              /* write pages outside first_sect..last_sect */
 /* "tapdring": the first 8 bytes of a written sector hold sector ^ STAMP */
 #define STAMP UINT64_C(0x676e697264706174)
+
+_Static_assert(DESCS_PER_PAGE == 512, "8-byte segment descriptors");
+_Static_assert(sizeof(struct blkif_request_indirect) <= sizeof(union blkif_sring_entry),
+               "an indirect request fits a ring slot");
+_Static_assert(IND_SEGS_MAX > MAX_SEGS && IND_SEGS_MAX <= REQ_SEGS, "segment limits");
 
 /* ---------------------------------------------------------------- errors */
 
@@ -149,7 +163,8 @@ static void describe(const uint8_t *p, char *out, size_t n)
 
 static struct {
     int sock, mem, kick, notify;
-    uint32_t ring_pages, data_pages, page_size, sector_size, flags, max_segments;
+    uint32_t ring_pages, data_pages, page_size, sector_size, flags, max_segments, max_indirect;
+    uint32_t slot_stride;      /* data pages of each tracking slot (slot_pages) */
     uint64_t sectors;
     uint8_t *map;
     size_t map_len;
@@ -234,8 +249,9 @@ static void attach(const char *path)
     if (memcmp(msg, "TAPDRING", 8))
         die("bad attach magic %.8s", (const char *)msg);
     uint32_t version = le32(msg + 8);
-    if (version != 1)
-        die("attach version %u, expected 1", version);
+    if (version != 2)
+        die("attach version %u: this frontend speaks version 2 of the attach protocol only",
+            version);
     R.ring_pages = le32(msg + 12);
     R.data_pages = le32(msg + 16);
     R.page_size = le32(msg + 20);
@@ -243,17 +259,20 @@ static void attach(const char *path)
     R.sector_size = le32(msg + 32);
     R.flags = le32(msg + 36);
     R.max_segments = le32(msg + 40);
-    for (int i = 44; i < 64; i++)
+    R.max_indirect = le32(msg + 44);
+    for (int i = 48; i < 64; i++)
         if (msg[i])
             die("attach message: reserved byte %d is %u, expected 0", i, msg[i]);
-    if (R.page_size != 4096)
-        die("page_size %u, expected 4096", R.page_size);
-    if (R.ring_pages != 1)
-        die("ring_pages %u, expected 1", R.ring_pages);
+    if (R.page_size != PAGE_BYTES)
+        die("page_size %u, expected %d", R.page_size, PAGE_BYTES);
+    /* A first bound before mapping; the ring's real limit is checked after FRONT_RING_INIT. */
+    if (R.ring_pages == 0 || R.ring_pages > 64)
+        die("ring_pages %u, expected 1..64", R.ring_pages);
     if (R.max_segments != MAX_SEGS)
         die("max_segments %u, expected %d", R.max_segments, MAX_SEGS);
-    if (R.data_pages < 32 * MAX_SEGS)
-        die("data_pages %u, expected at least %d", R.data_pages, 32 * MAX_SEGS);
+    if (R.max_indirect > MAX_INDIRECT_NAMEABLE)
+        die("max_indirect %u: more segments than the %zu that %d indirect pages can describe",
+            R.max_indirect, (size_t)MAX_INDIRECT_NAMEABLE, BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST);
     if (R.sectors == 0)
         die("the disk has 0 sectors");
     if (R.sector_size < SECTOR || R.sector_size > 4096 || (R.sector_size & (R.sector_size - 1)))
@@ -274,8 +293,14 @@ static void attach(const char *path)
         die("shared ring not initialised: req_prod %u req_event %u rsp_prod %u rsp_event %u",
             s->req_prod, s->req_event, s->rsp_prod, s->rsp_event);
     FRONT_RING_INIT(&R.fr, s, (size_t)R.ring_pages * R.page_size);
-    if (RING_SIZE(&R.fr) > 256)
-        die("ring of %u entries is too big for this frontend", RING_SIZE(&R.fr));
+    if (RING_SIZE(&R.fr) < 1 || RING_SIZE(&R.fr) > 256)
+        die("a ring of %u pages has %u entries: this frontend handles 1..256", R.ring_pages,
+            RING_SIZE(&R.fr));
+    /* Each tracking slot gets its own pages: 11 for a direct request and one for descriptors. */
+    R.slot_stride = R.data_pages / RING_SIZE(&R.fr);
+    if (R.slot_stride < MAX_SEGS + 1)
+        die("data_pages %u: this frontend needs at least %u (%d for each of the %u ring entries)",
+            R.data_pages, (MAX_SEGS + 1) * RING_SIZE(&R.fr), MAX_SEGS + 1, RING_SIZE(&R.fr));
 }
 
 static void kick(void)
@@ -378,14 +403,17 @@ enum check { CHK_NONE, CHK_SHADOW, CHK_PATTERN, CHK_COPY };
 struct req {
     int used;
     uint64_t id;
-    uint8_t op;
-    uint8_t nseg;              /* segments actually described (≤ 11) */
+    uint8_t op;                /* for an INDIRECT request its indirect_op */
+    uint8_t indirect;          /* sent as BLKIF_OP_INDIRECT, descriptors in ind_page[] */
+    uint16_t nseg;             /* segments actually described (≤ 11 direct, ≤ REQ_SEGS indirect) */
+    uint8_t nind;              /* indirect descriptor pages */
     uint64_t sector;
     uint32_t nsect;
-    uint32_t page[MAX_SEGS];
-    uint8_t first[MAX_SEGS], last[MAX_SEGS];
+    uint32_t page[REQ_SEGS];
+    uint8_t first[REQ_SEGS], last[REQ_SEGS];
+    uint32_t ind_page[BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST];
     int expect;                /* X_* set of acceptable statuses */
-    int expect_op;             /* operation the response must carry, -1: op, -2: 6 or indirect op */
+    int expect_op;             /* operation the response must carry, -1: op */
     const char *what;
     enum check check;
     uint64_t gen;              /* CHK_PATTERN: generation; writes: generation written */
@@ -424,24 +452,43 @@ static struct req *find_req(const blkif_response_t *r)
     return &tr[i];
 }
 
-/* Sets up segments on the blktap pages of tracking slot i: page i×11 + s. */
-static void slot_pages(struct req *q)
+/* Page k (< R.slot_stride) of the pages that belong to q's tracking slot i: i × stride + k. */
+static uint32_t slot_page(const struct req *q, uint32_t k)
 {
-    unsigned i = (unsigned)(q->id & 0xffff);
-    for (int s = 0; s < MAX_SEGS; s++)
-        q->page[s] = i * MAX_SEGS + (uint32_t)s;
+    return (uint32_t)(q->id & 0xffff) * R.slot_stride + k;
 }
 
-/* Whole-page segments covering nsect sectors (≤ 88) from q->sector. */
+/* Sets up direct segments on the first 11 pages of q's tracking slot. */
+static void slot_pages(struct req *q)
+{
+    for (int s = 0; s < MAX_SEGS; s++)
+        q->page[s] = slot_page(q, (uint32_t)s);
+}
+
+/* Whole-page segments covering nsect sectors (≤ 8 × the pages q has) from q->sector. */
 static void whole_pages(struct req *q, uint32_t nsect)
 {
     q->nsect = nsect;
-    q->nseg = (uint8_t)((nsect + SECTORS_PER_PAGE - 1) / SECTORS_PER_PAGE);
+    q->nseg = (uint16_t)((nsect + SECTORS_PER_PAGE - 1) / SECTORS_PER_PAGE);
     for (int s = 0; s < q->nseg; s++) {
         uint32_t left = nsect - (uint32_t)s * SECTORS_PER_PAGE;
         q->first[s] = 0;
         q->last[s] = (uint8_t)((left < SECTORS_PER_PAGE ? left : SECTORS_PER_PAGE) - 1);
     }
+}
+
+/*
+ * Makes q an INDIRECT request of nseg whole-page segments on the first pages of its tracking slot,
+ * its descriptors in the slot's last page (nseg < R.slot_stride).
+ */
+static void slot_indirect(struct req *q, uint32_t nseg)
+{
+    for (uint32_t s = 0; s < nseg; s++)
+        q->page[s] = slot_page(q, s);
+    whole_pages(q, nseg * SECTORS_PER_PAGE);
+    q->indirect = 1;
+    q->nind = 1;
+    q->ind_page[0] = slot_page(q, R.slot_stride - 1);
 }
 
 /* Fills the pages of a write: its sectors from the shadow source, the rest with junk. */
@@ -466,13 +513,62 @@ static void poison(struct req *q)
         memset(page(q->page[s]), POISON, R.page_size);
 }
 
-/* Puts q into the next request slot (not yet visible to tapdisk: see push()). */
+/* Writes segment descriptor j of an indirect request into its descriptor pages. */
+static void put_descriptor(const uint32_t *ind_page, unsigned j, uint32_t gref, uint8_t first,
+                           uint8_t last)
+{
+    struct blkif_request_segment d;
+    memset(&d, 0, sizeof d);
+    d.gref = gref;
+    d.first_sect = first;
+    d.last_sect = last;
+    memcpy(page(ind_page[j / DESCS_PER_PAGE]) + (j % DESCS_PER_PAGE) * sizeof d, &d, sizeof d);
+}
+
+/* Reads back the INDIRECT request in ring slot r (through Xen's struct, not offsets). */
+static struct blkif_request_indirect get_indirect(const blkif_request_t *r)
+{
+    struct blkif_request_indirect ind;
+    memcpy(&ind, r, sizeof ind);
+    return ind;
+}
+
+static void set_indirect(blkif_request_t *r, const struct blkif_request_indirect *ind)
+{
+    memset(r, 0, sizeof *r);
+    memcpy(r, ind, sizeof *ind);
+}
+
+/*
+ * Puts q into the next request slot (not yet visible to tapdisk: see push()). An indirect q gets
+ * its descriptors written into its descriptor pages (junk after the last one) and the slot a
+ * struct blkif_request_indirect.
+ */
 static blkif_request_t *place(struct req *q)
 {
     blkif_request_t *r = RING_GET_REQUEST(&R.fr, R.fr.req_prod_pvt);
+    if (q->indirect) {
+        for (int i = 0; i < q->nind; i++)
+            memset(page(q->ind_page[i]), JUNK, R.page_size);
+        for (unsigned j = 0; j < q->nseg; j++)
+            put_descriptor(q->ind_page, j, q->page[j], q->first[j], q->last[j]);
+        struct blkif_request_indirect ind;
+        memset(&ind, 0, sizeof ind);
+        ind.operation = BLKIF_OP_INDIRECT;
+        ind.indirect_op = q->op;
+        ind.nr_segments = q->nseg;
+        ind.id = q->id;
+        ind.sector_number = q->sector;
+        ind.handle = 0;
+        for (int i = 0; i < q->nind; i++)
+            ind.indirect_grefs[i] = q->ind_page[i];
+        set_indirect(r, &ind);
+        R.fr.req_prod_pvt++;
+        return r;
+    }
     memset(r, 0, sizeof *r);
     r->operation = q->op;
-    r->nr_segments = q->nseg;
+    r->nr_segments = (uint8_t)q->nseg;
     r->handle = 0;
     r->id = q->id;
     r->sector_number = q->sector;
@@ -544,18 +640,19 @@ static void check_read(struct req *q)
 static struct req *complete(const blkif_response_t *r)
 {
     struct req *q = find_req(r);
+    /* The response to an INDIRECT request carries its indirect_op (q->op). */
     int want_op = q->expect_op == -1 ? q->op : q->expect_op;
-    if (q->expect_op == -2 ? (r->operation != BLKIF_OP_INDIRECT && r->operation != q->op)
-                           : r->operation != want_op)
+    if (r->operation != want_op)
         die("%s id 0x%" PRIx64 ": response operation %u, expected %d", q->what, q->id,
             r->operation, want_op);
     int bit = r->status == BLKIF_RSP_OKAY ? X_OK
             : r->status == BLKIF_RSP_ERROR ? X_ERR
             : r->status == BLKIF_RSP_EOPNOTSUPP ? X_NOTSUPP : 0;
     if (!(bit & q->expect))
-        die("%s (%s id 0x%" PRIx64 ", sector %" PRIu64 ", %u sectors, %u segments): "
+        die("%s (%s%s id 0x%" PRIx64 ", sector %" PRIu64 ", %u sectors, %u segments): "
             "status %d, expected %s",
-            q->what, op_name(q->op), q->id, q->sector, q->nsect, q->nseg, r->status,
+            q->what, q->indirect ? "indirect " : "", op_name(q->op), q->id, q->sector, q->nsect,
+            q->nseg, r->status,
             q->expect == X_OK ? "0 (okay)"
             : q->expect == X_ERR ? "-1 (error)"
             : q->expect == X_NOTSUPP ? "-2 (not supported)"
@@ -646,15 +743,54 @@ static int layout(void)
 
 /* ---------------------------------------------------------------- verify */
 
-static uint32_t *free_pages;
+/*
+ * The free data pages: free_pages[0..nfree) in any order, free_pos[p] = where page p is in it
+ * (TAKEN when in use), so that a run of consecutive pages can be taken as well as random ones.
+ */
+#define TAKEN UINT32_MAX
+static uint32_t *free_pages, *free_pos;
 static uint32_t nfree;
+
+static uint32_t take_at(uint32_t i)
+{
+    uint32_t p = free_pages[i], moved = free_pages[--nfree];
+    free_pages[i] = moved;
+    free_pos[moved] = i;
+    free_pos[p] = TAKEN;
+    return p;
+}
 
 static uint32_t take_page(void)
 {
-    uint32_t i = below(nfree);
-    uint32_t p = free_pages[i];
-    free_pages[i] = free_pages[--nfree];
-    return p;
+    return take_at(below(nfree));
+}
+
+/* Takes n consecutive free pages into out[]; 0 if a few random tries find none. */
+static int take_run(uint32_t n, uint32_t *out)
+{
+    if (n == 0 || n > R.data_pages)
+        return 0;
+    for (int attempt = 0; attempt < 8; attempt++) {
+        uint32_t start = below(R.data_pages - n + 1), k = 0;
+        while (k < n && free_pos[start + k] != TAKEN)
+            k++;
+        if (k < n)
+            continue;
+        for (k = 0; k < n; k++) {
+            out[k] = start + k;
+            take_at(free_pos[start + k]);
+        }
+        return 1;
+    }
+    return 0;
+}
+
+static void give_page(uint32_t p)
+{
+    if (p >= R.data_pages || free_pos[p] != TAKEN)
+        die("internal: page %u given back twice", p);
+    free_pos[p] = nfree;
+    free_pages[nfree++] = p;
 }
 
 static int overlaps(uint64_t a, uint32_t na, uint64_t b, uint32_t nb)
@@ -678,6 +814,7 @@ static int conflicts(int is_write, uint64_t sector, uint32_t n)
 
 static struct {
     uint64_t reads, writes, flushes, barriers, sectors_read, sectors_written, max_inflight;
+    uint64_t indirect, indirect_segments, runs;
 } st;
 
 /* Starts one random request within [lo, hi); 0 if none fits now. */
@@ -698,19 +835,39 @@ static int start_random(uint64_t lo, uint64_t hi, uint32_t align)
         return 1;
     }
 
+    /*
+     * A quarter of the reads and writes are INDIRECT requests of 12..min(max_indirect, 128)
+     * segments, when tapdisk offers them and there are pages for one (descriptors included).
+     */
     uint64_t len = hi - lo;
-    uint32_t max_seg = MAX_SEGS;
-    if (nfree < max_seg)
-        max_seg = nfree;
+    uint32_t ind_max = R.max_indirect < IND_SEGS_MAX ? R.max_indirect : IND_SEGS_MAX;
+    int indirect = (op == BLKIF_OP_READ || op == BLKIF_OP_WRITE) && ind_max > MAX_SEGS &&
+                   len >= 4 * (uint64_t)ind_max * SECTORS_PER_PAGE && nfree >= MAX_SEGS + 2 &&
+                   below(4) == 0;
+    uint32_t min_seg = indirect ? MAX_SEGS + 1 : 1;
+    uint32_t max_seg = indirect ? ind_max : MAX_SEGS;
+    uint32_t avail = indirect ? nfree - 1 : nfree; /* ind_max ≤ 128: one descriptor page */
+    if (max_seg > avail)
+        max_seg = avail;
     if (max_seg == 0)
         return 0;
     for (int attempt = 0; attempt < 8; attempt++) {
-        uint8_t nseg = (uint8_t)(1 + below(max_seg));
-        uint8_t first[MAX_SEGS], last[MAX_SEGS];
+        uint16_t nseg = (uint16_t)(min_seg + below(max_seg - min_seg + 1));
+        uint8_t first[REQ_SEGS], last[REQ_SEGS];
         uint32_t n = 0;
-        int whole = below(3) == 0;
+        /*
+         * A third whole pages, a third random sectors in each page, a third a run: consecutive
+         * pages, contiguous in memory (the first segment may start and the last end mid-page).
+         */
+        uint32_t shape = below(3);
+        int whole = shape == 0, run = shape == 1;
         for (int s = 0; s < nseg; s++) {
-            if (whole || align > 1) {
+            if (run) {
+                first[s] = s == 0 && align == 1 ? (uint8_t)below(SECTORS_PER_PAGE) : 0;
+                last[s] = s == nseg - 1 && align == 1
+                              ? (uint8_t)(first[s] + below(SECTORS_PER_PAGE - first[s]))
+                              : SECTORS_PER_PAGE - 1;
+            } else if (whole || align > 1) {
                 first[s] = 0;
                 last[s] = SECTORS_PER_PAGE - 1;
             } else {
@@ -729,8 +886,8 @@ static int start_random(uint64_t lo, uint64_t hi, uint32_t align)
         int is_write = op != BLKIF_OP_READ;
         if (conflicts(is_write, sector, n))
             continue;
-        const char *what = op == BLKIF_OP_READ    ? "read"
-                         : op == BLKIF_OP_WRITE ? "write"
+        const char *what = op == BLKIF_OP_READ    ? (indirect ? "indirect read" : "read")
+                         : op == BLKIF_OP_WRITE ? (indirect ? "indirect write" : "write")
                                                 : "barrier";
         struct req *q = new_req(op, what);
         q->sector = sector;
@@ -738,8 +895,20 @@ static int start_random(uint64_t lo, uint64_t hi, uint32_t align)
         q->nseg = nseg;
         memcpy(q->first, first, nseg);
         memcpy(q->last, last, nseg);
-        for (int s = 0; s < nseg; s++)
-            q->page[s] = take_page();
+        if (run && take_run(nseg, q->page)) {
+            st.runs++;
+        } else {
+            for (int s = 0; s < nseg; s++)
+                q->page[s] = take_page();
+        }
+        if (indirect) {
+            q->indirect = 1;
+            q->nind = (uint8_t)((nseg + DESCS_PER_PAGE - 1) / DESCS_PER_PAGE);
+            for (int i = 0; i < q->nind; i++)
+                q->ind_page[i] = take_page();
+            st.indirect++;
+            st.indirect_segments += nseg;
+        }
         if (is_write) {
             q->gen = next_seq;
             fill_write(q);
@@ -769,8 +938,11 @@ static void finish_random(const blkif_response_t *r)
                 memcpy(shadow + sector * SECTOR, p + k * SECTOR, SECTOR);
         }
     }
+    /* Only now, with a read's data checked, do its pages go back (docs/ring.md). */
     for (int s = 0; s < q->nseg; s++)
-        free_pages[nfree++] = q->page[s];
+        give_page(q->page[s]);
+    for (int i = 0; i < q->nind; i++)
+        give_page(q->ind_page[i]);
     q->used = 0;
 }
 
@@ -828,11 +1000,14 @@ static int verify(int argc, char **argv)
     size_t bytes = (size_t)R.sectors * SECTOR;
     shadow = malloc(bytes);
     free_pages = malloc(R.data_pages * sizeof *free_pages);
-    if (!shadow || !free_pages)
+    free_pos = malloc(R.data_pages * sizeof *free_pos);
+    if (!shadow || !free_pages || !free_pos)
         die("out of memory for a shadow of %zu bytes", bytes);
     load_file(ref, shadow, bytes);
-    for (uint32_t p = 0; p < R.data_pages; p++)
+    for (uint32_t p = 0; p < R.data_pages; p++) {
+        free_pos[p] = nfree;
         free_pages[nfree++] = p;
+    }
 
     uint64_t started = 0, done = 0;
     while (done < ops) {
@@ -858,10 +1033,12 @@ static int verify(int argc, char **argv)
         save_file(out, shadow, bytes);
     fprintf(stderr,
             "verify: %" PRIu64 " reads (%" PRIu64 " sectors), %" PRIu64 " writes, %" PRIu64
-            " barriers (%" PRIu64 " sectors written), %" PRIu64 " flushes; max %" PRIu64
-            " in flight; %" PRIu64 " kicks, %" PRIu64 " waits\n",
+            " barriers (%" PRIu64 " sectors written), %" PRIu64 " flushes; %" PRIu64
+            " indirect (%" PRIu64 " segments, max_indirect %u), %" PRIu64 " page runs; max %" PRIu64
+            " in flight of %u; %" PRIu64 " kicks, %" PRIu64 " waits\n",
             st.reads, st.sectors_read, st.writes, st.barriers, st.sectors_written, st.flushes,
-            st.max_inflight, R.kicks, R.waits);
+            st.indirect, st.indirect_segments, R.max_indirect, st.runs, st.max_inflight,
+            RING_SIZE(&R.fr), R.kicks, R.waits);
     printf("ok %" PRIu64 "\n", checked);
     return 0;
 }
@@ -912,38 +1089,111 @@ static void io_sync(uint8_t op, uint64_t sector, uint64_t n, uint8_t *buf, uint6
     drain();
 }
 
-#define CANARY_A 256           /* sectors 0..255 */
+#define CANARY_A 512           /* sectors 0..511 (room for REQ_SEGS one-sector segments) */
 #define CANARY_Z 64            /* the last 64 sectors */
 #define REGION_B 1024          /* 8 writes of 88 sectors from here */
 #define B_WRITES 8
+
+_Static_assert(CANARY_A >= REQ_SEGS && CANARY_A <= REGION_B, "canary A holds an indirect request");
 
 enum mcase {
     M_BAD_OP, M_RESERVED_OP, M_READ_0SEG, M_WRITE_0SEG, M_READ_12SEG, M_WRITE_255SEG,
     M_WRITE_FIRST_GT_LAST, M_READ_FIRST_GT_LAST, M_WRITE_LAST_8, M_READ_FIRST_LAST_8,
     M_WRITE_GREF_END, M_READ_GREF_MAX, M_WRITE_STRADDLE_END, M_READ_AT_END, M_WRITE_HUGE_SECTOR,
-    M_READ_WRAPPING_SECTOR, M_INDIRECT_READ, M_INDIRECT_WRITE, M_DISCARD_PAST_END,
-    M_BARRIER_LAST_9, M_COUNT
+    M_READ_WRAPPING_SECTOR, M_IND_0SEG, M_IND_TOO_MANY, M_IND_FLUSH_OP, M_IND_DESC_GREF_END,
+    M_DISCARD_PAST_END, M_BARRIER_LAST_9, M_COUNT
 };
 
-static const char *mcase_name[M_COUNT] = {
-    "operation 99", "operation 4 (reserved)", "read with 0 segments", "write with 0 segments",
-    "read with 12 segments", "write with 255 segments", "write with first_sect 5 > last_sect 2",
-    "read with first_sect 6 > last_sect 1", "write with last_sect 8", "read with first/last 8",
-    "write with gref = data_pages", "read with gref 0xffffffff", "write straddling the end",
-    "read at the end", "write at sector 2^63", "read at sector 2^64-4 (wraps)", "indirect read",
-    "indirect write", "discard past the end", "barrier with last_sect 9",
+/*
+ * Each case's operation (for the INDIRECT cases the indirect_op, which the response must carry)
+ * and name. Designated initialisers keep the table in step with the enum.
+ */
+static const struct {
+    uint8_t op, indirect;
+    const char *name;
+} mcases[M_COUNT] = {
+    [M_BAD_OP] = { 99, 0, "operation 99" },
+    [M_RESERVED_OP] = { BLKIF_OP_RESERVED_1, 0, "operation 4 (reserved)" },
+    [M_READ_0SEG] = { BLKIF_OP_READ, 0, "read with 0 segments" },
+    [M_WRITE_0SEG] = { BLKIF_OP_WRITE, 0, "write with 0 segments" },
+    [M_READ_12SEG] = { BLKIF_OP_READ, 0, "read with 12 segments" },
+    [M_WRITE_255SEG] = { BLKIF_OP_WRITE, 0, "write with 255 segments" },
+    [M_WRITE_FIRST_GT_LAST] = { BLKIF_OP_WRITE, 0, "write with first_sect 5 > last_sect 2" },
+    [M_READ_FIRST_GT_LAST] = { BLKIF_OP_READ, 0, "read with first_sect 6 > last_sect 1" },
+    [M_WRITE_LAST_8] = { BLKIF_OP_WRITE, 0, "write with last_sect 8" },
+    [M_READ_FIRST_LAST_8] = { BLKIF_OP_READ, 0, "read with first/last 8" },
+    [M_WRITE_GREF_END] = { BLKIF_OP_WRITE, 0, "write with gref = data_pages" },
+    [M_READ_GREF_MAX] = { BLKIF_OP_READ, 0, "read with gref 0xffffffff" },
+    [M_WRITE_STRADDLE_END] = { BLKIF_OP_WRITE, 0, "write straddling the end" },
+    [M_READ_AT_END] = { BLKIF_OP_READ, 0, "read at the end" },
+    [M_WRITE_HUGE_SECTOR] = { BLKIF_OP_WRITE, 0, "write at sector 2^63" },
+    [M_READ_WRAPPING_SECTOR] = { BLKIF_OP_READ, 0, "read at sector 2^64-4 (wraps)" },
+    [M_IND_0SEG] = { BLKIF_OP_WRITE, 1, "indirect write with 0 segments" },
+    [M_IND_TOO_MANY] = { BLKIF_OP_WRITE, 1, "indirect write with max_indirect+1 segments" },
+    [M_IND_FLUSH_OP] = { BLKIF_OP_FLUSH_DISKCACHE, 1, "indirect with indirect_op 3 (flush)" },
+    [M_IND_DESC_GREF_END] = { BLKIF_OP_WRITE, 1,
+                              "indirect write with descriptor page gref = data_pages" },
+    [M_DISCARD_PAST_END] = { BLKIF_OP_DISCARD, 0, "discard past the end" },
+    [M_BARRIER_LAST_9] = { BLKIF_OP_WRITE_BARRIER, 0, "barrier with last_sect 9" },
 };
+
+/*
+ * Starts a malformed INDIRECT case: a request that would be a valid write of one-sector segments
+ * into canary A (segment j = sector q->sector + j, from sector j % 8 of data page j / 8 of the
+ * slot, the descriptor pages at the slot's end) but for the one thing case c breaks.
+ */
+static void start_malformed_indirect(struct req *q, enum mcase c)
+{
+    /* Segments a valid request of this case describes: 1..40, within max_indirect. */
+    uint32_t cap = R.max_indirect && R.max_indirect < 40 ? R.max_indirect : 40;
+    uint32_t nr = 1 + below(cap);             /* nr_segments the request will carry */
+    if (c == M_IND_TOO_MANY)
+        nr = R.max_indirect + 1;
+    else if (c == M_IND_0SEG)
+        nr = 0;
+    /* Descriptors written: all nr of them (as many as REQ_SEGS), or for 0, a valid-looking set. */
+    uint32_t nd = c == M_IND_0SEG ? 1 + below(cap) : nr < REQ_SEGS ? nr : REQ_SEGS;
+    uint32_t pages_named = (uint32_t)((nr + DESCS_PER_PAGE - 1) / DESCS_PER_PAGE);
+    if (pages_named < 1)
+        pages_named = 1;
+    if (pages_named > BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST)
+        pages_named = BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST;
+
+    q->indirect = 1;
+    q->expect = R.max_indirect ? X_ERR : X_ERR | X_NOTSUPP; /* 0: indirect not offered */
+    q->gen = 0xbad;
+    q->nind = (uint8_t)pages_named;
+    for (uint32_t i = 0; i < pages_named; i++)
+        q->ind_page[i] = slot_page(q, R.slot_stride - 1 - i);
+    uint32_t data = R.slot_stride - pages_named; /* the slot's pages left for data */
+    q->sector = below(CANARY_A - nd + 1);
+    q->nseg = (uint16_t)nd;
+    q->nsect = nd;
+    for (uint32_t j = 0; j < nd; j++) {
+        q->page[j] = slot_page(q, (j / SECTORS_PER_PAGE) % data);
+        q->first[j] = q->last[j] = (uint8_t)(j % SECTORS_PER_PAGE);
+        pattern(page(q->page[j]) + q->first[j] * SECTOR, q->sector + j, q->gen);
+    }
+
+    blkif_request_t *r = place(q); /* a struct blkif_request_indirect, descriptors written */
+    struct blkif_request_indirect ind = get_indirect(r);
+    switch (c) {
+    case M_IND_0SEG: ind.nr_segments = 0; break;
+    case M_IND_TOO_MANY: ind.nr_segments = (uint16_t)nr; break;
+    case M_IND_DESC_GREF_END: ind.indirect_grefs[0] = R.data_pages; break;
+    default: break; /* M_IND_FLUSH_OP: q->op already is the wrong indirect_op */
+    }
+    set_indirect(r, &ind);
+}
 
 /* Starts malformed case c; its write data (junk) aims at the canaries. */
 static void start_malformed(enum mcase c)
 {
-    static const uint8_t ops[M_COUNT] = {
-        99, BLKIF_OP_RESERVED_1, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_READ, BLKIF_OP_WRITE,
-        BLKIF_OP_WRITE, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_READ,
-        BLKIF_OP_WRITE, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_READ, BLKIF_OP_INDIRECT,
-        BLKIF_OP_INDIRECT, BLKIF_OP_DISCARD, BLKIF_OP_WRITE_BARRIER,
-    };
-    struct req *q = new_req(ops[c], mcase_name[c]);
+    struct req *q = new_req(mcases[c].op, mcases[c].name);
+    if (mcases[c].indirect) {
+        start_malformed_indirect(q, c);
+        return;
+    }
     slot_pages(q);
     q->expect = X_ERR;
     q->sector = 8 * below(16);
@@ -975,10 +1225,6 @@ static void start_malformed(enum mcase c)
     case M_READ_AT_END: q->sector = R.sectors; whole_pages(q, 1); break;
     case M_WRITE_HUGE_SECTOR: q->sector = 1ULL << 63; break;
     case M_READ_WRAPPING_SECTOR: q->sector = ~0ULL - 3; whole_pages(q, 8); break;
-    case M_INDIRECT_READ: case M_INDIRECT_WRITE:
-        q->expect = X_ERR | X_NOTSUPP;
-        q->expect_op = -2;
-        break;
     case M_DISCARD_PAST_END:
         q->expect = R.flags & FLAG_DISCARD ? X_ERR : X_NOTSUPP;
         break;
@@ -987,29 +1233,12 @@ static void start_malformed(enum mcase c)
         if (!(R.flags & FLAG_FLUSH))
             q->expect = X_ERR | X_NOTSUPP;
         break;
+    case M_IND_0SEG: case M_IND_TOO_MANY: case M_IND_FLUSH_OP: case M_IND_DESC_GREF_END:
     case M_COUNT: break;
     }
     blkif_request_t *r = place(q);
     if (nr >= 0)
         r->nr_segments = (uint8_t)nr;
-    if (c == M_INDIRECT_READ || c == M_INDIRECT_WRITE) {
-        /* One indirect page holding a valid-looking segment descriptor. */
-        struct blkif_request_indirect ind;
-        memset(&ind, 0, sizeof ind);
-        ind.operation = BLKIF_OP_INDIRECT;
-        ind.indirect_op = c == M_INDIRECT_READ ? BLKIF_OP_READ : BLKIF_OP_WRITE;
-        ind.nr_segments = 1;
-        ind.id = q->id;
-        ind.sector_number = q->sector;
-        ind.handle = 0;
-        ind.indirect_grefs[0] = q->page[1];
-        struct blkif_request_segment seg = { .gref = q->page[0], .first_sect = 0, .last_sect = 7 };
-        memset(page(q->page[1]), 0, R.page_size);
-        memcpy(page(q->page[1]), &seg, sizeof seg);
-        memset(r, 0, sizeof *r);
-        memcpy(r, &ind, sizeof ind);
-        q->op = ind.indirect_op;
-    }
     if (c == M_DISCARD_PAST_END) {
         struct blkif_request_discard d;
         memset(&d, 0, sizeof d);
@@ -1107,6 +1336,9 @@ static int malformed(int argc, char **argv)
     io_sync(BLKIF_OP_WRITE, 0, CANARY_A, save_a, 0, CHK_NONE, "restoring canary A");
     io_sync(BLKIF_OP_WRITE, z, CANARY_Z, save_z, 0, CHK_NONE, "restoring canary Z");
     io_sync(BLKIF_OP_WRITE, REGION_B, nb, save_b, 0, CHK_NONE, "restoring region B");
+    free(save_a);
+    free(save_z);
+    free(save_b);
     fprintf(stderr, "malformed: %" PRIu64 " responses, %" PRIu64 " kicks, %" PRIu64 " waits\n",
             checked, R.kicks, R.waits);
     printf("ok %" PRIu64 "\n", checked);
@@ -1154,6 +1386,12 @@ static int readonly(void)
         die("the disk is not read-only (flags 0x%x)", R.flags);
     if (R.sectors < 4 * 88 || R.sector_size != SECTOR)
         die("readonly needs a disk of 352 sectors or more, of 512 bytes");
+    /* INDIRECT requests too, when offered: up to 32 pages, within a slot and the disk. */
+    uint32_t ind = R.max_indirect < R.slot_stride - 1 ? R.max_indirect : R.slot_stride - 1;
+    if (ind > 32)
+        ind = 32;
+    if (R.sectors < (uint64_t)ind * SECTORS_PER_PAGE + 32)
+        ind = 0;
     for (int i = 0; i < 4; i++) {
         struct req *q = new_req(BLKIF_OP_READ, "read of a read-only disk");
         slot_pages(q);
@@ -1177,6 +1415,21 @@ static int readonly(void)
         q->expect = X_ERR | X_NOTSUPP;
         fill_write(q);
         place(q);
+
+        if (ind > MAX_SEGS) {
+            q = new_req(BLKIF_OP_READ, "indirect read of a read-only disk");
+            slot_indirect(q, ind);
+            q->sector = 8 * (uint64_t)i;
+            poison(q);
+            place(q);
+
+            q = new_req(BLKIF_OP_WRITE, "indirect write to a read-only disk");
+            slot_indirect(q, ind);
+            q->sector = 8 * (uint64_t)i;
+            q->expect = X_ERR;
+            fill_write(q);
+            place(q);
+        }
 
         if (R.flags & FLAG_DISCARD) {
             struct req *d = new_req(BLKIF_OP_DISCARD, "discard on a read-only disk");
