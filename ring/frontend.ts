@@ -120,12 +120,12 @@ export class RingFrontend {
     }
   }
 
-  async read(offset: number, buf: Uint8Array): Promise<void> {
-    await this.#split(offset, buf, BLKIF_OP_READ);
+  read(offset: number, buf: Uint8Array): Promise<void> {
+    return this.#split(offset, buf, BLKIF_OP_READ);
   }
 
-  async write(offset: number, buf: Uint8Array): Promise<void> {
-    await this.#split(offset, buf, BLKIF_OP_WRITE);
+  write(offset: number, buf: Uint8Array): Promise<void> {
+    return this.#split(offset, buf, BLKIF_OP_WRITE);
   }
 
   async flush(): Promise<void> {
@@ -149,22 +149,24 @@ export class RingFrontend {
     }
   }
 
-  #split(offset: number, buf: Uint8Array, op: number): Promise<void[]> {
-    const parts: Promise<void>[] = [];
+  /** One request when it fits a slot (the usual case: no array, no Promise.all), else several. */
+  #split(offset: number, buf: Uint8Array, op: number): Promise<void> {
     const step = this.#slotBytes;
+    if (buf.length <= step) return this.#io(offset, buf, op);
+    const parts: Promise<void>[] = [];
     for (let done = 0; done < buf.length; done += step) {
       parts.push(
         this.#io(offset + done, buf.subarray(done, Math.min(buf.length, done + step)), op),
       );
     }
-    return Promise.all(parts);
+    return Promise.all(parts).then(() => {});
   }
 
   async #io(offset: number, buf: Uint8Array, op: number): Promise<void> {
     if (offset % SECTOR !== 0 || buf.length % SECTOR !== 0) {
       throw new RingFrontendError(`unaligned request: ${buf.length} bytes at ${offset}`);
     }
-    const slot = await this.#slot();
+    const slot = this.#free.pop() ?? await this.#slot();
     try {
       if (this.#closed) throw new RingFrontendError("the frontend is closed");
       const at = slot * this.#stride * L.PAGE_SIZE;
