@@ -6,7 +6,7 @@
 import type { Logger } from "../cli/log.ts";
 import { openDisk } from "../drivers/mod.ts";
 import { type FuseCloseOptions, FuseExport } from "../fuse/export.ts";
-import type { EngineKind } from "../io/engine.ts";
+import { type EngineKind, SERVER_BATCH } from "../io/engine.ts";
 import { formatNbdAddress, type NbdAddress, nbdUri } from "../nbd/address.ts";
 import { NbdServer } from "../nbd/server.ts";
 import { LocalRingListener } from "../ring/local.ts";
@@ -71,7 +71,11 @@ export class TapdiskServer {
   /** Opens the disk and starts every export; on failure, undoes what was started and throws. */
   async start(): Promise<Serving> {
     const o = this.#options;
-    const disk = await openDisk(o.spec, { readOnly: o.readOnly, engine: o.engine });
+    const disk = await openDisk(o.spec, {
+      readOnly: o.readOnly,
+      engine: o.engine,
+      batch: SERVER_BATCH,
+    });
     const gate = this.#gate = new DiskGate(disk);
     const exports: string[] = [], uris: string[] = [];
     try {

@@ -51,3 +51,10 @@ export interface EngineOptions {
    */
   batch?: number;
 }
+
+/**
+ * The submission batch for exports (`tapd serve`, `tapd tapdisk`): the FUSE export drains every
+ * queued request at once, an NBD client pipelines, and there one io_submit per 16 requests gave
+ * 10% more 4k IOPS than one per request (each call is a virtio kick, a VM exit).
+ */
+export const SERVER_BATCH = 16;

@@ -411,16 +411,15 @@ const EMPTY = new Uint8Array(0);
 const MAX_RUN = 256;
 
 /**
- * Defaults, measured on a virtio disk (docs/performance.md). Since completions are handed out one
- * at a time, a turn of a single caller (the bench, a ring) usually prepares one request, so the
- * batch size only matters where many requests start in one turn: the FUSE export drains every
- * queued request at once, and there one io_submit per 16 gave 10% more 4k IOPS (each call is a
- * virtio kick, a VM exit). (Before, with whole bursts reaped at once, one call per request had
- * beaten one call per turn by 5–10%: the kernel plugged the batch and the device saw bursts.)
- * Polling pays only when the process is pinned to CPUs away from the device's interrupt.
+ * Defaults, measured on a virtio disk (docs/performance.md): one request per io_submit. Since
+ * completions are handed out one at a time, a turn of a single caller (the bench, a ring) prepares
+ * a request or two, and submitting those together measured 3% slower in the bench (the kernel
+ * plugs a batch and the device sees bursts). Servers that start many requests in one turn ask
+ * for SERVER_BATCH (engine.ts) instead. Polling pays only when the process is pinned to CPUs away from the
+ * device's interrupt.
  */
 const DEFAULT_POLL_MICROS = 0;
-const DEFAULT_BATCH = 16;
+const DEFAULT_BATCH = 1;
 
 function gather(bufs: Buffers, into: Uint8Array): void {
   if (bufs instanceof Uint8Array) {

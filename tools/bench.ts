@@ -150,7 +150,7 @@ Options:
   --seconds N                          run time (default 5)
   --engine aio|uring|sync              I/O engine for file-backed disks
   --direct on|off|auto                 O_DIRECT (default: on for aio, off for sync)
-  --batch N                            most requests per io_submit/io_uring_enter (default 16)
+  --batch N                            most requests per io_submit/io_uring_enter (default 1)
   --poll-us N                          poll for completions (with --ring: responses) N µs
                                        before sleeping (default 0)
   --cpus LIST                          pin the process to these CPUs, e.g. 0 or 0,2-3 (as taskset)

@@ -8,7 +8,7 @@ import { type Command, UsageError } from "../cli/command.ts";
 import { createLogger } from "../cli/log.ts";
 import { SignalQueue } from "../cli/signals.ts";
 import { openDisk } from "../drivers/mod.ts";
-import { ENGINE_KINDS } from "../io/engine.ts";
+import { ENGINE_KINDS, SERVER_BATCH } from "../io/engine.ts";
 import { formatNbdAddress, nbdUri, parseNbdAddress } from "../nbd/address.ts";
 import { NbdServer } from "../nbd/server.ts";
 import { FuseExport, MountError } from "../fuse/export.ts";
@@ -63,7 +63,11 @@ Examples:
       ? undefined
       : parseChoice(values.engine, "--engine", ENGINE_KINDS);
     const log = createLogger("serve", { pid: Deno.pid });
-    const disk = await openDisk(positionals[0], { readOnly: values["read-only"], engine });
+    const disk = await openDisk(positionals[0], {
+      readOnly: values["read-only"],
+      engine,
+      batch: SERVER_BATCH,
+    });
     try {
       const server = new NbdServer(disk, {
         exportName,

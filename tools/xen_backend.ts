@@ -8,7 +8,7 @@ import { type Command, UsageError } from "../cli/command.ts";
 import { createLogger } from "../cli/log.ts";
 import { SignalQueue } from "../cli/signals.ts";
 import { openDisk } from "../drivers/mod.ts";
-import { ENGINE_KINDS } from "../io/engine.ts";
+import { ENGINE_KINDS, SERVER_BATCH } from "../io/engine.ts";
 import { DATA_PATHS } from "../xen/kernel.ts";
 import { serveXenVbd } from "../xen/serve.ts";
 import { parseVdev } from "../xen/vbd_paths.ts";
@@ -73,7 +73,11 @@ Examples:
       : parseChoice(values.engine, "--engine", ENGINE_KINDS);
     const dataPath = parseChoice(values.data, "--data", DATA_PATHS);
     const log = createLogger("xen-backend", { pid: Deno.pid });
-    const disk = await openDisk(positionals[0], { readOnly: values["read-only"], engine });
+    const disk = await openDisk(positionals[0], {
+      readOnly: values["read-only"],
+      engine,
+      batch: SERVER_BATCH,
+    });
     const signals = new SignalQueue();
     try {
       const reason = await serveXenVbd(disk, {
