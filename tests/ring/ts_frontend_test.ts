@@ -27,7 +27,7 @@ async function withTapdisk(spec: string, sock: string, fn: () => Promise<void>):
   }
 }
 
-Deno.test("ring: the TypeScript frontend reads and writes many requests at once, verified", async () => {
+Deno.test("ring: the TypeScript frontend reads and writes many requests at once (direct, INDIRECT, split), verified", async () => {
   await withTempDir(async (dir) => {
     const img = `${dir}/disk.img`, sock = `${dir}/ring.sock`;
     const ref = new Uint8Array(16 * MiB);
@@ -43,7 +43,9 @@ Deno.test("ring: the TypeScript frontend reads and writes many requests at once,
           const ops: Promise<void>[] = [];
           const used: Array<[number, number]> = [];
           for (let k = 0; k < 40; k++) {
-            const len = (1 + r.below(128)) * 512, off = r.below((ref.length - len) / 512) * 512;
+            // Up to 44 KiB goes direct, up to 256 KiB INDIRECT, larger is split over slots.
+            const sectors = 1 + r.below(r.below(4) === 0 ? 1200 : 128);
+            const len = sectors * 512, off = r.below((ref.length - len) / 512) * 512;
             if (used.some(([a, b]) => off < b && a < off + len)) continue;
             used.push([off, off + len]);
             if (r.below(2) === 0) {
