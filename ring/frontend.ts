@@ -152,6 +152,7 @@ export class RingFrontend {
   /** One request when it fits a slot (the usual case: no array, no Promise.all), else several. */
   #split(offset: number, buf: Uint8Array, op: number): Promise<void> {
     const step = this.#slotBytes;
+    if (buf.length === 0) return Promise.resolve();
     if (buf.length <= step) return this.#io(offset, buf, op);
     const parts: Promise<void>[] = [];
     for (let done = 0; done < buf.length; done += step) {
