@@ -395,7 +395,7 @@ async function measureOnce(kind: Kind, work: string, raw: string, direct: boolea
   try {
     // A fresh raw image each time, sparse.
     const f = Deno.openSync(raw, { create: true, write: true, truncate: true });
-    f.truncate(P.imageMiB * MiB);
+    f.truncateSync(P.imageMiB * MiB);
     f.close();
     served = await kind.setup(work, raw);
     step = "losetup";

@@ -17,7 +17,7 @@ Deno.test("ByteIo: concurrent unaligned writes, zeroing and punching match a sha
   await withTempDir(async (dir) => {
     const img = `${dir}/disk.img`;
     const f = Deno.openSync(img, { create: true, write: true });
-    f.truncate(SIZE);
+    f.truncateSync(SIZE);
     f.close();
     const disk = await openDisk(`tap:aio:${img}`, {});
     try {

@@ -251,7 +251,7 @@ export function dStateProcesses(): string[] {
 /** A sparse raw image of `size` bytes. */
 export function rawImage(path: string, size: number): void {
   const f = Deno.openSync(path, { create: true, write: true, truncate: true });
-  f.truncate(size);
+  f.truncateSync(size);
   f.close();
 }
 
