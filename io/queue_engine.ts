@@ -415,8 +415,8 @@ const MAX_RUN = 256;
  * completions are handed out one at a time, a turn of a single caller (the bench, a ring) prepares
  * a request or two, and submitting those together measured 3% slower in the bench (the kernel
  * plugs a batch and the device sees bursts). Servers that start many requests in one turn ask
- * for SERVER_BATCH (engine.ts) instead. Polling pays only when the process is pinned to CPUs away from the
- * device's interrupt.
+ * for SERVER_BATCH (engine.ts) instead. Polling pays only when the process is pinned to CPUs away
+ * from the device's interrupt.
  */
 const DEFAULT_POLL_MICROS = 0;
 const DEFAULT_BATCH = 1;
