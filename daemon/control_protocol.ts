@@ -4,6 +4,7 @@
  *   {"verb":"attach","spec":"tap:qcow:/v/a.qcow","nbd":["tcp:127.0.0.1:10810"],"readOnly":false}
  *   {"verb":"attach","spec":"tap:aio:/v/b.img","fuse":"/run/tapd/b.img"}
  *   {"verb":"attach","spec":"tap:aio:/v/c.img","xen":"3:xvdb"}
+ *   {"verb":"attach","spec":"tap:aio:/v/d.img","ring":"/run/d.ring","pollMicros":200}
  *   {"verb":"list"}   {"verb":"detach","id":1}   {"verb":"pause","id":1}   {"verb":"stats","id":1}
  *   {"verb":"resume","id":1,"reopen":"tap:qcow:/v/overlay.qcow"}
  *
@@ -27,6 +28,8 @@ export type ControlRequest =
     /** A Xen export: "DOMID[:VDEV]", the guest domain and its device (default xvda). */
     xen: string | null;
     readOnly: boolean;
+    /** tapdisk's --poll-us (0: sleep until woken). */
+    pollMicros: number;
   }
   | { verb: "list" }
   | { verb: "detach" | "pause" | "stats"; id: number }
@@ -87,6 +90,14 @@ function field<T>(
   return value as T;
 }
 
+function pollMicros(req: Json): number {
+  const n = field<number>(req, "pollMicros", "number", 0);
+  if (!Number.isSafeInteger(n) || n < 0 || n > 1_000_000) {
+    throw new RequestError(`attach: "pollMicros" must be a whole number from 0 to 1000000`);
+  }
+  return n;
+}
+
 function diskId(req: Json): number {
   const id = req.id;
   if (typeof id !== "number" || !Number.isSafeInteger(id) || id < 0) {
@@ -133,6 +144,7 @@ export function parseRequest(line: string): ControlRequest {
         fuse: field<string | null>(req, "fuse", "string", null),
         xen: field<string | null>(req, "xen", "string", null),
         readOnly: field<boolean>(req, "readOnly", "boolean", false),
+        pollMicros: pollMicros(req),
       };
     }
     default:

@@ -43,6 +43,8 @@ export interface AttachRequest {
   /** A Xen guest device, DOMID[:VDEV], or null. */
   xen: string | null;
   readOnly: boolean;
+  /** tapdisk's --poll-us (0 or absent: sleep until woken). */
+  pollMicros?: number;
 }
 
 interface Entry {
@@ -136,6 +138,7 @@ export class Daemon {
     if (fuse !== null) args.push("--fuse", fuse);
     if (xen !== null) args.push("--xen", formatXenTarget(xen));
     if (req.readOnly) args.push("--read-only");
+    if (req.pollMicros) args.push("--poll-us", String(req.pollMicros));
     const log = this.#log.with({ disk: id });
     const child = new TapdiskChild(args, log, (e) => this.#exportEnded(entry, e.export, e.reason));
     const entry: Entry = {

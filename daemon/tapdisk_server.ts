@@ -18,6 +18,11 @@ export interface TapdiskOptions {
   spec: string;
   readOnly: boolean;
   engine?: EngineKind;
+  /**
+   * Poll (the rings and the engine) instead of sleeping until this many µs pass without a
+   * request arriving or completing; 0: always sleep until woken.
+   */
+  pollMicros?: number;
   /** A Unix socket path for the blkif ring, or null. */
   ring: string | null;
   nbd: NbdAddress[];
@@ -75,6 +80,7 @@ export class TapdiskServer {
       readOnly: o.readOnly,
       engine: o.engine,
       batch: SERVER_BATCH,
+      pollMicros: o.pollMicros,
     });
     const gate = this.#gate = new DiskGate(disk);
     const exports: string[] = [], uris: string[] = [];
@@ -84,6 +90,7 @@ export class TapdiskServer {
           gate,
           o.ring,
           (line) => this.#log.info(line),
+          o.pollMicros,
         );
         this.#ringServing = ring.serve().catch((e) => {
           this.#log.error("ring listener failed", { error: (e as Error).message });
@@ -143,6 +150,7 @@ export class TapdiskServer {
       devid: target.devid,
       xenstore: o.xenstore,
       unplugTimeoutMs: o.xenUnplugTimeoutMs,
+      pollMicros: o.pollMicros,
       stop: stopped,
       log: this.#log.with({ component: "xen" }),
       ready: () => plugged(),
@@ -208,6 +216,8 @@ export class TapdiskServer {
     const next = await openDisk(reopen, {
       readOnly: this.#options.readOnly,
       engine: this.#options.engine,
+      batch: SERVER_BATCH,
+      pollMicros: this.#options.pollMicros,
     });
     try {
       await gate.resume(next);

@@ -41,8 +41,9 @@ export interface EngineOptions {
   /** Operations in flight at once (default 256); more wait in a queue. */
   depth?: number;
   /**
-   * Kernel-queue engines: µs to keep looking for completions (yielding to the event loop between
-   * looks) after the last one before parking on the eventfd (default 0). Trades CPU for latency.
+   * Kernel-queue engines: µs to keep looking for completions after the last one (or the last
+   * submission) before parking on the eventfd (default 0); the looks are microtask hops with an
+   * event-loop turn every so often (io/poll_window.ts). Trades CPU for latency.
    */
   pollMicros?: number;
   /**

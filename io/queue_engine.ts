@@ -10,6 +10,7 @@ import { SysError } from "../ffi/errno.ts";
 import { EventFd, type FileHandle } from "../ffi/file.ts";
 import { addressOf, AlignedMemory } from "../ffi/memory.ts";
 import { type BufferPool, sharedPool } from "./buffer_pool.ts";
+import { PollWindow } from "./poll_window.ts";
 import {
   type Buffers,
   byteLength,
@@ -71,7 +72,7 @@ export abstract class QueueEngine implements IoEngine {
   readonly #prep: Prepared = { op: 0, fd: 0, offset: 0, addr: 0, len: 0, vector: false };
   #waiting: Waiting[] = [];
   #inflight = 0;
-  readonly #pollMs: number;
+  readonly #poll: PollWindow | null;
   readonly #batch: number;
   #pooled = 0; // requests running on the thread pool instead of the kernel queue
   #prepared = 0;
@@ -80,7 +81,6 @@ export abstract class QueueEngine implements IoEngine {
   /** A look for completions is scheduled, or an eventfd read is parked. */
   #active = false;
   #parked: Promise<void> | null = null;
-  #lastCompletion = 0;
   /** Completions handed out in the current run of microtask hops. */
   #run = 0;
   #destroyed = false;
@@ -89,7 +89,8 @@ export abstract class QueueEngine implements IoEngine {
 
   constructor(options: EngineOptions) {
     this.depth = options.depth ?? 256;
-    this.#pollMs = (options.pollMicros ?? DEFAULT_POLL_MICROS) / 1000;
+    const pollMicros = options.pollMicros ?? DEFAULT_POLL_MICROS;
+    this.#poll = pollMicros > 0 ? new PollWindow(pollMicros) : null;
     this.#batch = options.batch ?? DEFAULT_BATCH;
     this.#pool = sharedPool;
     this.#iov = new AlignedMemory(this.depth * MAX_IOV * IOVEC_SIZE);
@@ -271,7 +272,7 @@ export abstract class QueueEngine implements IoEngine {
     }
     if (this.#inflight > 0 && !this.#active) {
       this.#active = true;
-      if (this.#pollMs > 0) this.#lastCompletion = performance.now();
+      this.#poll?.touch();
       setImmediate(this.#tick);
     }
   };
@@ -296,7 +297,7 @@ export abstract class QueueEngine implements IoEngine {
   #tick = (): void => {
     if (this.#destroyed) return;
     if (this.reapOne()) {
-      if (this.#pollMs > 0) this.#lastCompletion = performance.now();
+      this.#poll?.touch();
       if (++this.#run < MAX_RUN) queueMicrotask(this.#tick);
       else {
         this.#run = 0;
@@ -323,9 +324,8 @@ export abstract class QueueEngine implements IoEngine {
       else setTimeout(this.#tick, 1);
       return;
     }
-    if (this.#pollMs > 0 && performance.now() - this.#lastCompletion < this.#pollMs) {
-      setImmediate(this.#tick);
-    } else this.#park();
+    if (this.#poll?.keepLooking()) this.#poll.schedule(this.#tick);
+    else this.#park();
   };
 
   #park(): void {
@@ -334,7 +334,7 @@ export abstract class QueueEngine implements IoEngine {
 
   #woken = (): void => {
     this.#parked = null;
-    if (this.#pollMs > 0) this.#lastCompletion = performance.now();
+    this.#poll?.touch();
     this.#tick();
   };
 

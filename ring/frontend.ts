@@ -9,6 +9,7 @@ import { setImmediate } from "node:timers";
 import { EventFd, type FileHandle } from "../ffi/file.ts";
 import { fullBarrier, Mapping } from "../ffi/memory.ts";
 import { connectUnix, receiveWithFds } from "../ffi/socket.ts";
+import { PollWindow } from "../io/poll_window.ts";
 import {
   BLKIF_LAYOUT as L,
   BLKIF_OP_DISCARD,
@@ -55,17 +56,16 @@ export class RingFrontend {
   #reaping = false; // responses are being looked for, or the notify eventfd is being waited on
   #closed = false;
 
-  /** How long to keep looking for responses after the last one before sleeping (ms). */
-  readonly #pollMs: number;
-  #lastResponse = 0;
+  /** Keeps looking for responses for a while after the last one before sleeping. */
+  readonly #poll: PollWindow | null;
 
   /**
    * Attaches to the tapdisk listening at `path`. `pollMicros`: keep looking for responses that
-   * long after the last one (each event-loop turn) before sleeping on the notify eventfd; CPU
-   * for latency, as the engines' `--poll-us`.
+   * long after the last one before sleeping on the notify eventfd; CPU for latency, as the
+   * engines' `--poll-us`.
    */
   constructor(path: string, options: { pollMicros?: number } = {}) {
-    this.#pollMs = (options.pollMicros ?? 0) / 1000;
+    this.#poll = options.pollMicros ? new PollWindow(options.pollMicros) : null;
     this.#conn = connectUnix(path);
     try {
       const { data, fds } = receiveWithFds(this.#conn, ATTACH_SIZE);
@@ -282,7 +282,7 @@ export class RingFrontend {
         this.#outstanding--;
         resolve(status); // its request releases the slot once done with the pages
       }
-      if (this.#pollMs > 0) this.#lastResponse = performance.now();
+      this.#poll?.touch();
       if (++this.#run < 256) queueMicrotask(this.#look);
       else {
         this.#run = 0;
@@ -295,8 +295,8 @@ export class RingFrontend {
       this.#reaping = false;
       return;
     }
-    if (this.#pollMs > 0 && performance.now() - this.#lastResponse < this.#pollMs) {
-      setImmediate(this.#look);
+    if (this.#poll?.keepLooking()) {
+      this.#poll.schedule(this.#look);
       return;
     }
     // RING_FINAL_CHECK_FOR_RESPONSES

@@ -109,11 +109,19 @@ export class LocalRingListener {
   readonly #rings = new Set<{ ring: LocalRing; server: RingServer }>();
   readonly #running = new Set<Promise<void>>();
   #log: (line: string) => void;
+  readonly #pollMicros: number;
 
-  constructor(disk: BlockTarget, path: string, log: (line: string) => void = () => {}) {
+  /** `pollMicros`: see RingServerOptions. */
+  constructor(
+    disk: BlockTarget,
+    path: string,
+    log: (line: string) => void = () => {},
+    pollMicros = 0,
+  ) {
     this.#disk = disk;
     this.#listener = new UnixListener(path);
     this.#log = log;
+    this.#pollMicros = pollMicros;
   }
 
   /** Accepts frontends until stop(); resolves once every ring has finished. */
@@ -137,7 +145,7 @@ export class LocalRingListener {
     const ring = new LocalRing(conn, mem.fd);
     let server: RingServer;
     try {
-      server = new RingServer(this.#disk, ring, true);
+      server = new RingServer(this.#disk, ring, true, { pollMicros: this.#pollMicros });
       ring.attach(this.#disk, mem.fd);
     } catch (e) {
       ring.close();

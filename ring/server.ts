@@ -23,6 +23,7 @@ import {
   type BlkifRequest,
 } from "./blkif.ts";
 import type { SegmentData } from "./segments.ts";
+import { PollWindow } from "../io/poll_window.ts";
 
 /** What a ring's carrier provides. */
 export interface RingTransport {
@@ -46,6 +47,18 @@ export interface RingStats {
   errors: number;
 }
 
+/** How a ring is served. */
+export interface RingServerOptions {
+  /** Logs a malformed request. */
+  onError?: (message: string) => void;
+  /**
+   * Keep looking at the ring instead of sleeping until the frontend kicks, until this many µs
+   * have passed without a request arriving or completing: CPU for latency (the engine's
+   * `pollMicros` does the same for completions).
+   */
+  pollMicros?: number;
+}
+
 /** The ring broke its protocol (e.g. a producer jump): it must be stopped, not served. */
 export class RingProtocolError extends Error {}
 
@@ -63,19 +76,22 @@ export class RingServer {
   /** The loop runs: requests may be taken (also after a push of responses). */
   #taking = false;
   #onError: (message: string) => void;
+  /** Polling (--poll-us): looks for requests until a while has passed without activity. */
+  readonly #poll: PollWindow | null;
 
   constructor(
     disk: BlockTarget,
     transport: RingTransport,
     initialise: boolean,
-    onError: (message: string) => void = () => {},
+    options: RingServerOptions = {},
   ) {
     this.#disk = disk;
     this.#t = transport;
     this.#ring = new BackRing(transport.ring);
     if (initialise) this.#ring.initShared();
     this.#sectors = Math.floor(disk.size / SECTOR);
-    this.#onError = onError;
+    this.#onError = options.onError ?? (() => {});
+    this.#poll = options.pollMicros ? new PollWindow(options.pollMicros) : null;
   }
 
   /** Entries in the ring. */
@@ -93,6 +109,12 @@ export class RingServer {
     for (;;) {
       this.#take();
       if (this.#stopping || this.#broken !== null) break;
+      // While polling, req_event is left behind, so the frontend does not kick either.
+      const poll = this.#poll;
+      if (poll?.keepLooking()) {
+        await poll.next();
+        continue;
+      }
       if (ring.finalCheck()) continue;
       if (!(await this.#t.waitKick())) break;
     }
@@ -116,7 +138,9 @@ export class RingServer {
       );
       return;
     }
+    if (this.#stopping || ring.unconsumed() === 0) return;
     while (!this.#stopping && ring.unconsumed() > 0) this.#dispatch(ring.take());
+    this.#poll?.touch();
   }
 
   /** Stops taking requests (those in flight still complete); the transport must wake waitKick. */
@@ -149,6 +173,7 @@ export class RingServer {
       this.#pushScheduled = true;
       queueMicrotask(this.#push);
     }
+    this.#poll?.touch();
     if (--this.#inflight === 0 && this.#drained !== null) this.#drained();
   }
 

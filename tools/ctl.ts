@@ -2,7 +2,7 @@
  * `tapd ctl`: talks to `tapd daemon` over its control socket (tap-ctl's heir): attach, list,
  * detach, pause, resume (optionally on a new image), stats.
  */
-import { formatSize, parseCommandLine } from "../cli/args.ts";
+import { formatSize, parseCommandLine, parseCount } from "../cli/args.ts";
 import { type Command, UsageError } from "../cli/command.ts";
 import { controlRequest } from "../daemon/client.ts";
 import type { ControlReply, DiskRecord } from "../daemon/control_protocol.ts";
@@ -11,7 +11,7 @@ import { defaultControlSocket } from "../daemon/paths.ts";
 import { parseDiskSpec } from "../drivers/mod.ts";
 
 const OPTIONS_OF: Readonly<Record<string, readonly string[]>> = {
-  attach: ["nbd", "ring", "fuse", "xen", "read-only", "json"],
+  attach: ["nbd", "ring", "fuse", "xen", "read-only", "poll-us", "json"],
   list: ["json"],
   detach: [],
   pause: ["json"],
@@ -61,13 +61,14 @@ export const ctlCommand: Command = {
   usage: `Usage: tapd ctl [--control SOCK] COMMAND [ARGUMENTS]
 
   attach SPEC [--nbd ADDR …] [--ring unix:PATH] [--fuse PATH] [--xen DOMID[:VDEV]]
-              [--read-only]
+              [--read-only] [--poll-us N]
                       serve the disk SPEC (tap:TYPE:PATH) in a new tapdisk process; prints its
                       ID. ADDR: unix:PATH or tcp:HOST[:PORT]. --fuse PATH mounts the disk over
                       the existing regular file PATH (use it with losetup --direct-io=on).
                       --xen 3:xvdb serves it to Xen domain 3 as its device xvdb (VDEV default
                       xvda; the daemon must run in dom0, see docs/xen.md). With no export
-                      given it is served over NBD on STATE_DIR/nbd/ID.sock.
+                      given it is served over NBD on STATE_DIR/nbd/ID.sock. --poll-us N: the
+                      tapdisk polls instead of sleeping while busy (see tapd help tapdisk).
   list [--json]       the disks: ID, state (starting, running, paused, stopping, failed), the
                       tapdisk's PID, size, spec, exports, and why a failed disk failed
   detach ID           stop serving (requests in flight finish, the disk is flushed and closed);
@@ -92,6 +93,7 @@ export const ctlCommand: Command = {
       fuse: { type: "string" },
       xen: { type: "string" },
       "read-only": { type: "boolean" },
+      "poll-us": { type: "string" },
       reopen: { type: "string" },
       json: { type: "boolean", default: false },
     });
@@ -103,7 +105,9 @@ export const ctlCommand: Command = {
         `ctl: unknown command "${verb}": expected one of ${Object.keys(OPTIONS_OF).join(", ")}`,
       );
     }
-    for (const name of ["nbd", "ring", "fuse", "xen", "read-only", "reopen"] as const) {
+    for (
+      const name of ["nbd", "ring", "fuse", "xen", "read-only", "poll-us", "reopen"] as const
+    ) {
       if (values[name] !== undefined && !allowed.includes(name)) {
         throw new UsageError(`ctl: ${verb} takes no --${name}`);
       }
@@ -127,6 +131,9 @@ export const ctlCommand: Command = {
           fuse: values.fuse === undefined ? null : absolute(values.fuse),
           xen: values.xen ?? null,
           readOnly: values["read-only"] ?? false,
+          pollMicros: values["poll-us"] === undefined
+            ? 0
+            : parseCount(values["poll-us"], "--poll-us", 1_000_000, 0),
         };
         break;
       case "list":

@@ -4,7 +4,7 @@
  * unplugs the guest's device, finishes the requests in flight, flushes and exits 0. Under the daemon (`--control stdio`) it also takes commands on
  * stdin (daemon/tapdisk_control.ts).
  */
-import { parseChoice, parseCommandLine } from "../cli/args.ts";
+import { parseChoice, parseCommandLine, parseCount } from "../cli/args.ts";
 import { type Command, UsageError } from "../cli/command.ts";
 import { createLogger, type Logger } from "../cli/log.ts";
 import { SignalQueue } from "../cli/signals.ts";
@@ -20,7 +20,8 @@ export const tapdiskCommand: Command = {
   summary: "serve one disk on a blkif shared ring, NBD, a FUSE file and/or to a Xen guest",
   usage: `Usage: tapd tapdisk SPEC [--ring unix:PATH] [--nbd ADDR …] [--fuse PATH]
                     [--xen DOMID[:VDEV]] [--xenstore PATH] [--read-only]
-                    [--export-name NAME] [--engine aio|uring|sync] [--control stdio]
+                    [--export-name NAME] [--engine aio|uring|sync] [--poll-us N]
+                    [--control stdio]
 
 Opens the disk SPEC (tap:TYPE:PATH) and serves it until SIGTERM or SIGINT; give at least one
 export:
@@ -36,6 +37,10 @@ export:
                      $TAPD_XENSTORE): xenstored's socket, or the xenbus device if under /dev/.
                      $TAPD_XEN_UNPLUG_TIMEOUT_MS: how long a stop waits for the guest to
                      release the device before disconnecting it (default 10000).
+  --poll-us N        look for new requests on the ring and for completions instead of
+                     sleeping until woken, until N µs pass without a request arriving or
+                     completing (default 0: sleep): a CPU for more IOPS and lower latency on a
+                     busy disk (docs/performance.md).
   --control stdio    run under \`tapd daemon\`: JSON-line commands on stdin (pause, resume,
                      stats, stop), replies and a "ready" event on stdout (docs/daemon.md); end
                      of stdin stops the disk, SIGINT is left to the daemon.
@@ -55,6 +60,7 @@ mount (its users get I/O errors). A \`stop\` command is refused instead, and the
       "read-only": { type: "boolean", default: false },
       "export-name": { type: "string", default: "" },
       engine: { type: "string" },
+      "poll-us": { type: "string" },
       control: { type: "string" },
     });
     if (positionals.length !== 1) throw new UsageError("tapdisk: expected one disk spec");
@@ -94,6 +100,9 @@ mount (its users get I/O errors). A \`stop\` command is refused instead, and the
     const engine = values.engine === undefined
       ? undefined
       : parseChoice(values.engine, "--engine", ENGINE_KINDS);
+    const pollMicros = values["poll-us"] === undefined
+      ? undefined
+      : parseCount(values["poll-us"], "--poll-us", 1_000_000, 0);
     const exportName = values["export-name"];
     const log = createLogger("tapdisk", {
       pid: Deno.pid,
@@ -103,6 +112,7 @@ mount (its users get I/O errors). A \`stop\` command is refused instead, and the
       spec: positionals[0],
       readOnly: values["read-only"],
       engine,
+      pollMicros,
       ring: values.ring?.slice(5) ?? null,
       nbd,
       fuse: values.fuse ?? null,

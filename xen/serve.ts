@@ -28,6 +28,8 @@ export interface XenServeOptions {
   /** With the real kernel: grant copy (default) or grant mapping for the data. */
   dataPath?: DataPath;
   limits?: Partial<VbdLimits>;
+  /** The rings' polling window (RingServerOptions.pollMicros). */
+  pollMicros?: number;
 }
 
 /** Serves until the guest is gone or `stop` resolves; returns why it ended. */
@@ -68,6 +70,7 @@ export async function serveXenVbd(disk: BlockTarget, o: XenServeOptions): Promis
     const backend = new VbdBackend(xs, v, disk, kernel, {
       limits: o.limits,
       log: (line) => log.info(line),
+      pollMicros: o.pollMicros,
     });
     try {
       await backend.start();

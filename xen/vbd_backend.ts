@@ -77,12 +77,18 @@ export class VbdBackend {
   /** Resolves (with why) once the device is gone for good: unplugged, or its guest vanished. */
   readonly done: Promise<string> = new Promise((resolve) => this.#resolveDone = resolve);
 
+  readonly #pollMicros: number;
+
   constructor(
     xs: XenStore,
     location: VbdLocation,
     disk: BlockTarget,
     kernel: XenKernel,
-    options: { limits?: Partial<VbdLimits>; log?: (line: string) => void } = {},
+    options: {
+      limits?: Partial<VbdLimits>;
+      log?: (line: string) => void;
+      pollMicros?: number;
+    } = {},
   ) {
     this.#xs = xs;
     this.#v = location;
@@ -90,6 +96,7 @@ export class VbdBackend {
     this.#kernel = kernel;
     this.#limits = { ...DEFAULT_LIMITS, ...options.limits };
     this.#log = options.log ?? (() => {});
+    this.#pollMicros = options.pollMicros ?? 0;
     this.be = backendPath(location);
     this.fe = frontendPath(location);
     this.#token = `tapd-vbd-${location.frontendDomid}-${location.devid}`;
@@ -291,7 +298,10 @@ export class VbdBackend {
       this.#disk,
       transport,
       false,
-      (message) => this.#log(`vbd ${this.be}: bad request: ${message}`),
+      {
+        onError: (message) => this.#log(`vbd ${this.be}: bad request: ${message}`),
+        pollMicros: this.#pollMicros,
+      },
     );
     q.running = q.server.run().catch((e) => {
       const why = e instanceof RingProtocolError

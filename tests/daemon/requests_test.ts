@@ -1,6 +1,6 @@
 /** The control protocol refuses bad requests with one-line error replies; the daemon keeps going. */
 import assert from "node:assert/strict";
-import { rawImage, withDaemon } from "./helpers.ts";
+import { qemuIo, rawImage, unixUri, withDaemon } from "./helpers.ts";
 
 Deno.test("daemon: bad requests get error replies and the daemon keeps serving", async () => {
   await withDaemon(async (d) => {
@@ -26,6 +26,9 @@ Deno.test("daemon: bad requests get error replies and the daemon keeps serving",
       [{ verb: "detach", id: -1 }, /^detach: "id" must be a disk number/],
       [{ verb: "stats", id: "0" }, /^stats: "id" must be a disk number/],
       [{ verb: "resume", id: 0, reopen: 5 }, /^resume: "reopen" must be a string/],
+      [{ verb: "attach", spec: img, pollMicros: "200" }, /^attach: "pollMicros" must be a number/],
+      [{ verb: "attach", spec: img, pollMicros: 1.5 }, /^attach: "pollMicros" must be a whole/],
+      [{ verb: "attach", spec: img, pollMicros: -1 }, /^attach: "pollMicros" must be a whole/],
     ];
     for (const [request, pattern] of cases) {
       const reply = await d.request(request);
@@ -44,6 +47,11 @@ Deno.test("daemon: bad requests get error replies and the daemon keeps serving",
     assert.equal(missing.stderr, `tapd: ctl: no such file: ${d.dir}/missing.img\n`);
     const unknown = await d.ctl("stats", "3");
     assert.equal(unknown.stderr, "tapd: ctl: no disk 3 (see tapd ctl list)\n");
+    const badPoll = await d.ctl("attach", img, "--poll-us", "soon");
+    assert.equal(badPoll.code, 2);
+    assert.match(badPoll.stderr, /^tapd: Invalid --poll-us "soon": expected a whole number/);
+    const pollStats = await d.ctl("stats", "0", "--poll-us", "5");
+    assert.equal(pollStats.stderr, "tapd: ctl: stats takes no --poll-us\n");
 
     // Conflicting exports and resume --reopen on a disk that is not paused.
     const a = await d.attach(img, "--nbd", `unix:${d.dir}/a.sock`);
@@ -65,5 +73,18 @@ Deno.test("daemon: bad requests get error replies and the daemon keeps serving",
     assert.equal((await d.stats(0)).paused, true);
     await d.ctlOk("resume", "0");
     assert.equal((await d.list())[0].state, "running");
+
+    // --poll-us reaches the tapdisk's command line, and the disk serves.
+    const polled = await d.attach(
+      rawImage(d, "p.img"),
+      "--nbd",
+      `unix:${d.dir}/p.sock`,
+      "--poll-us",
+      "200",
+    );
+    const cmdline = Deno.readTextFileSync(`/proc/${polled.pid}/cmdline`).split("\0");
+    assert.equal(cmdline[cmdline.indexOf("--poll-us") + 1], "200", cmdline.join(" "));
+    const io = await qemuIo(unixUri(polled), "write -P 0x5a 0 64k", "read -P 0x5a 0 64k");
+    assert.equal(io.code, 0, io.stdout + io.stderr);
   });
 });

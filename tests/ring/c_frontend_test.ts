@@ -52,9 +52,9 @@ class Tapdisk {
     this.#output.then((o) => this.#exited = o, () => {});
   }
 
-  static async start(spec: string, sock: string): Promise<Tapdisk> {
+  static async start(spec: string, sock: string, extra: string[] = []): Promise<Tapdisk> {
     const child = new Deno.Command(TAPD, {
-      args: ["tapdisk", spec, "--ring", `unix:${sock}`],
+      args: ["tapdisk", spec, "--ring", `unix:${sock}`, ...extra],
       stdin: "null",
       stdout: "piped",
       stderr: "piped",
@@ -84,6 +84,10 @@ class Tapdisk {
 
   get running(): boolean {
     return this.#exited === undefined;
+  }
+
+  get pid(): number {
+    return this.#child.pid;
   }
 
   /** SIGTERM; waits (up to 20 s) and fails unless tapdisk exits 0. */
@@ -120,8 +124,9 @@ async function withTapdisk(
   dir: string,
   spec: string,
   fn: (t: Tapdisk) => Promise<void>,
+  extra: string[] = [],
 ): Promise<void> {
-  const t = await Tapdisk.start(spec, `${dir}/ring.sock`);
+  const t = await Tapdisk.start(spec, `${dir}/ring.sock`, extra);
   try {
     await fn(t);
   } finally {
@@ -188,6 +193,40 @@ ringTest(
       assertIndirectUsed(run, "verify");
       await t.stop();
     });
+    assertSameDisk(Deno.readFileSync(img), Deno.readFileSync(shadow), "image vs shadow");
+  },
+);
+
+/** CPU time (user + system, in clock ticks) the process has used so far. */
+function cpuTicks(pid: number): number {
+  const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
+  const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return Number(f[11]) + Number(f[12]); // utime, stime (fields 14 and 15)
+}
+
+ringTest(
+  "ring: tapdisk --poll-us 200: 20000 verified random ops, the load mode, then idle again",
+  async (dir) => {
+    const img = `${dir}/disk.img`, ref = `${dir}/ref.img`, shadow = `${dir}/shadow.img`;
+    randomImage(img, DISK, 4);
+    Deno.copyFileSync(img, ref);
+    await withTapdisk(dir, `tap:aio:${img}`, async (t) => {
+      await frontend(t, "verify", "verify", ref, "20000", "103", shadow);
+      const bin = await buildFrontend();
+      for (const load of [["rand4k", "64"], ["seq1m", "16"]]) {
+        const run = await runFrontend(bin, [t.sock, "load", ...load, "1", "200"]);
+        assert.equal(run.code, 0, `load ${load[0]}: ${run.stdout}${run.stderr}`);
+        const iops = /^iops (\d+)$/m.exec(run.stdout);
+        assert.ok(iops && Number(iops[1]) > 0, `load ${load[0]}: ${run.stdout}`);
+      }
+      // Polling ends 200 µs after the last request: an idle second costs next to no CPU.
+      await new Promise((r) => setTimeout(r, 200));
+      const before = cpuTicks(t.pid);
+      await new Promise((r) => setTimeout(r, 1000));
+      const used = cpuTicks(t.pid) - before;
+      assert.ok(used < 10, `an idle tapdisk --poll-us 200 used ${used} ticks of CPU in 1 s`);
+      await t.stop();
+    }, ["--poll-us", "200"]);
     assertSameDisk(Deno.readFileSync(img), Deno.readFileSync(shadow), "image vs shadow");
   },
 );
