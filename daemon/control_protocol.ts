@@ -4,7 +4,7 @@
  *   {"verb":"attach","spec":"tap:qcow:/v/a.qcow","nbd":["tcp:127.0.0.1:10810"],"readOnly":false}
  *   {"verb":"attach","spec":"tap:aio:/v/b.img","fuse":"/run/tapd/b.img"}
  *   {"verb":"attach","spec":"tap:aio:/v/c.img","xen":"3:xvdb"}
- *   {"verb":"attach","spec":"tap:aio:/v/d.img","ring":"/run/d.ring","pollMicros":200}
+ *   {"verb":"attach","spec":"tap:aio:/v/d.img","ring":"unix:/run/d.ring","pollMicros":200}
  *   {"verb":"list"}   {"verb":"detach","id":1}   {"verb":"pause","id":1}   {"verb":"stats","id":1}
  *   {"verb":"resume","id":1,"reopen":"tap:qcow:/v/overlay.qcow"}
  *
