@@ -6,7 +6,7 @@
 import type { Logger } from "../cli/log.ts";
 import { openDisk } from "../drivers/mod.ts";
 import { type FuseCloseOptions, FuseExport } from "../fuse/export.ts";
-import { type EngineKind, SERVER_BATCH } from "../io/engine.ts";
+import { type EngineKind, SERVER_BATCH, SERVER_COALESCE } from "../io/engine.ts";
 import { formatNbdAddress, type NbdAddress, nbdUri } from "../nbd/address.ts";
 import { NbdServer } from "../nbd/server.ts";
 import { LocalRingListener } from "../ring/local.ts";
@@ -80,6 +80,7 @@ export class TapdiskServer {
       readOnly: o.readOnly,
       engine: o.engine,
       batch: SERVER_BATCH,
+      coalesceAbove: SERVER_COALESCE,
       pollMicros: o.pollMicros,
     });
     const gate = this.#gate = new DiskGate(disk);
@@ -115,6 +116,7 @@ export class TapdiskServer {
           // Other exports write behind the file's page cache: the file must not cache.
           directIo: o.nbd.length > 0 || o.ring !== null,
           log: this.#log.with({ component: "fuse" }),
+          pollMicros: o.pollMicros,
         });
         await fuse.mount();
         this.#fuse = fuse;
@@ -217,6 +219,7 @@ export class TapdiskServer {
       readOnly: this.#options.readOnly,
       engine: this.#options.engine,
       batch: SERVER_BATCH,
+      coalesceAbove: SERVER_COALESCE,
       pollMicros: this.#options.pollMicros,
     });
     try {

@@ -71,9 +71,13 @@ export interface DiskOptions {
   engine?: EngineKind;
   /** O_DIRECT: "on" fails where unsupported, "auto" falls back to buffered I/O. */
   direct?: "on" | "off" | "auto";
-  /** Engine tuning for file-backed drivers: requests in flight, submission batch, polling. */
+  /**
+   * Engine tuning for file-backed drivers: requests in flight, submission batch, coalescing,
+   * polling (EngineOptions).
+   */
   depth?: number;
   batch?: number;
+  coalesceAbove?: number;
   pollMicros?: number;
   /** ram: write the RAM image back to its file on flush and on last close. */
   persist?: boolean;

@@ -222,6 +222,7 @@ function rawDriver(type: "aio" | "sync", summary: string, defaultEngine: EngineK
         engine = createEngine(options.engine ?? defaultEngine, {
           depth: options.depth,
           batch: options.batch,
+          coalesceAbove: options.coalesceAbove,
           pollMicros: options.pollMicros,
         });
         return Promise.resolve(new RawDisk(file, engine, options.readOnly ?? false));

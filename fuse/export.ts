@@ -40,6 +40,8 @@ export interface FuseExportOptions {
   directIo?: boolean;
   /** Requests in flight at most (default 256). */
   maxRequests?: number;
+  /** Look for requests instead of sleeping until this many µs pass without one (default 0). */
+  pollMicros?: number;
 }
 
 export interface FuseCloseOptions {
@@ -67,6 +69,7 @@ export class FuseExport {
   readonly #log: Logger;
   readonly #maxRequests: number | undefined;
   readonly #directIo: boolean;
+  readonly #pollMicros: number;
   /** The resolved mount point, once mounted. */
   #mountPoint: string | null = null;
   #mount: MountInfo | null = null;
@@ -83,6 +86,7 @@ export class FuseExport {
     this.#log = (options.log ?? silentLogger).with({ mount: path });
     this.#maxRequests = options.maxRequests;
     this.#directIo = options.directIo ?? false;
+    this.#pollMicros = options.pollMicros ?? 0;
   }
 
   /**
@@ -110,6 +114,7 @@ export class FuseExport {
         directIo: this.#directIo,
         log: this.#log,
         maxRequests: this.#maxRequests,
+        pollMicros: this.#pollMicros,
       });
       mountFuse(point.path, {
         fd: device.fd,

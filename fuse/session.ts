@@ -39,6 +39,7 @@ import {
   WRITE_OUT_SIZE,
 } from "./protocol.ts";
 import { DATA, READ_AT, type Slot, SlotPool } from "./slots.ts";
+import { PollWindow } from "../io/poll_window.ts";
 
 const EPERM = 1, ENOENT = 2, EIO = 5, ENXIO = 6, EINVAL = 22, ENOSPC = 28, EROFS = 30;
 const ENOSYS = 38, EPROTO = 71, EOPNOTSUPP = 95;
@@ -68,6 +69,11 @@ export interface SessionOptions {
   log: Logger;
   /** Requests in flight at most (each holds a slot of MAX_IO + 12 KiB). */
   maxRequests?: number;
+  /**
+   * Keep reading /dev/fuse (a non-blocking read per look) instead of parking the pooled poll,
+   * until this many µs pass without a request arriving or being answered (default 0).
+   */
+  pollMicros?: number;
 }
 
 /** The errno to answer for a failed operation. */
@@ -87,6 +93,7 @@ export class FuseSession {
   readonly #openFlags: number;
   readonly #log: Logger;
   readonly #slots: SlotPool;
+  readonly #poll: PollWindow | null;
   readonly #scratch = new Uint8Array(256);
   readonly #sv = new DataView(this.#scratch.buffer);
   #inflight = 0;
@@ -109,6 +116,7 @@ export class FuseSession {
     this.#openFlags = FOPEN.PARALLEL_DIRECT_WRITES | (options.directIo ? FOPEN.DIRECT_IO : 0);
     this.#log = options.log;
     this.#slots = new SlotPool(options.maxRequests ?? 2 * MAX_BACKGROUND);
+    this.#poll = options.pollMicros ? new PollWindow(options.pollMicros) : null;
   }
 
   /** Resolves once the kernel's INIT has been answered (the mount is usable from then on). */
@@ -134,6 +142,7 @@ export class FuseSession {
           break;
         }
         if (state === "full") await this.#slots.freed();
+        else if (this.#poll?.keepLooking()) await this.#poll.next();
         else await this.#device.readable();
         if (this.#gone) break;
       }
@@ -184,6 +193,7 @@ export class FuseSession {
         this.#slots.give(slot);
         return n === READ_NONE ? "empty" : "gone";
       }
+      this.#poll?.touch();
       this.#dispatch(slot, n);
     }
   }
@@ -215,6 +225,7 @@ export class FuseSession {
       this.#log.error("replying failed", { opcode: req.opcode, error: (e as Error).message });
     }).then(() => {
       this.#slots.give(slot);
+      this.#poll?.touch();
       this.#drainSoon();
       if (--this.#inflight === 0 && this.#idle !== null) {
         const idle = this.#idle;

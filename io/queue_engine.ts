@@ -74,6 +74,7 @@ export abstract class QueueEngine implements IoEngine {
   #inflight = 0;
   readonly #poll: PollWindow | null;
   readonly #batch: number;
+  readonly #coalesceAbove: number;
   #pooled = 0; // requests running on the thread pool instead of the kernel queue
   #prepared = 0;
   #flushScheduled = false;
@@ -92,6 +93,7 @@ export abstract class QueueEngine implements IoEngine {
     const pollMicros = options.pollMicros ?? DEFAULT_POLL_MICROS;
     this.#poll = pollMicros > 0 ? new PollWindow(pollMicros) : null;
     this.#batch = options.batch ?? DEFAULT_BATCH;
+    this.#coalesceAbove = options.coalesceAbove ?? 0;
     this.#pool = sharedPool;
     this.#iov = new AlignedMemory(this.depth * MAX_IOV * IOVEC_SIZE);
     this.#iovWords = new Uint32Array(this.#iov.bytes.buffer);
@@ -207,6 +209,14 @@ export abstract class QueueEngine implements IoEngine {
     this.#inflight++;
     this.#prepared++;
     if (!this.#flushScheduled) {
+      // Coalescing: with enough already at the kernel, wait for a full batch or for the
+      // completions at hand to be handed out (#tick then flushes): fewer, larger submissions.
+      const atKernel = this.#inflight - this.#prepared;
+      if (
+        this.#coalesceAbove > 0 && atKernel >= this.#coalesceAbove && this.#prepared < this.#batch
+      ) {
+        return;
+      }
       this.#flushScheduled = true;
       queueMicrotask(this.#flush);
     }

@@ -37,7 +37,7 @@ export:
                      $TAPD_XENSTORE): xenstored's socket, or the xenbus device if under /dev/.
                      $TAPD_XEN_UNPLUG_TIMEOUT_MS: how long a stop waits for the guest to
                      release the device before disconnecting it (default 10000).
-  --poll-us N        look for new requests on the ring and for completions instead of
+  --poll-us N        look for new requests (ring, FUSE) and for completions instead of
                      sleeping until woken, until N µs pass without a request arriving or
                      completing (default 0: sleep): a CPU for more IOPS and lower latency on a
                      busy disk (docs/performance.md).

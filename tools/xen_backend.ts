@@ -8,7 +8,7 @@ import { type Command, UsageError } from "../cli/command.ts";
 import { createLogger } from "../cli/log.ts";
 import { SignalQueue } from "../cli/signals.ts";
 import { openDisk } from "../drivers/mod.ts";
-import { ENGINE_KINDS, SERVER_BATCH } from "../io/engine.ts";
+import { ENGINE_KINDS, SERVER_BATCH, SERVER_COALESCE } from "../io/engine.ts";
 import { DATA_PATHS } from "../xen/kernel.ts";
 import { serveXenVbd } from "../xen/serve.ts";
 import { parseVdev } from "../xen/vbd_paths.ts";
@@ -77,6 +77,7 @@ Examples:
       readOnly: values["read-only"],
       engine,
       batch: SERVER_BATCH,
+      coalesceAbove: SERVER_COALESCE,
     });
     const signals = new SignalQueue();
     try {

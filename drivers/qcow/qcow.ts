@@ -547,6 +547,7 @@ async function openQcow(path: string, options: DiskOptions, ctx: OpenContext): P
     engine = createEngine(options.engine ?? "aio", {
       depth: options.depth,
       batch: options.batch,
+      coalesceAbove: options.coalesceAbove,
       pollMicros: options.pollMicros,
     });
     const fileSize = file.stat().size;

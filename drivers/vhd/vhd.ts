@@ -65,6 +65,7 @@ async function openVhd(path: string, options: DiskOptions, ctx: OpenContext): Pr
     engine = createEngine(options.engine ?? "aio", {
       depth: options.depth,
       batch: options.batch,
+      coalesceAbove: options.coalesceAbove,
       pollMicros: options.pollMicros,
     });
     if (layout.fixed) return new FixedVhdDisk(file, engine, layout.size, readOnly);

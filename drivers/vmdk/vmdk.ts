@@ -300,6 +300,7 @@ async function openVmdk(path: string, options: DiskOptions, ctx: OpenContext): P
     engine = createEngine(options.engine ?? "aio", {
       depth: options.depth,
       batch: options.batch,
+      coalesceAbove: options.coalesceAbove,
       pollMicros: options.pollMicros,
     });
     const hasParent = parent !== null;

@@ -139,6 +139,45 @@ Deno.test({
   },
 });
 
+/** CPU time (user + system, in clock ticks) process `pid` has used so far. */
+function cpuTicks(pid: number): number {
+  const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
+  const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return Number(f[11]) + Number(f[12]);
+}
+
+Deno.test({
+  name: "FUSE file, tapd serve --poll-us 200: fio's verified random O_DIRECT I/O, then idle",
+  ignore: skip !== null,
+  async fn() {
+    await withTempDir(async (dir) => {
+      const img = `${dir}/disk.img`, mp = mountPointFile(`${dir}/disk`);
+      rawImage(img, SIZE);
+      await withFuse(img, mp, async (serve) => {
+        await runOk("fio", [
+          "--name=verify",
+          `--filename=${mp}`,
+          "--ioengine=libaio",
+          "--direct=1",
+          "--rw=randwrite",
+          "--bs=4k",
+          "--iodepth=32",
+          `--size=${16 * MiB}`,
+          "--verify=crc32c",
+          "--do_verify=1",
+          "--verify_fatal=1",
+        ]);
+        // Polling stops 200 µs after the last request: an idle second costs next to no CPU.
+        await new Promise((r) => setTimeout(r, 200));
+        const before = cpuTicks(serve.pid);
+        await new Promise((r) => setTimeout(r, 1000));
+        const used = cpuTicks(serve.pid) - before;
+        assert.ok(used < 10, `an idle tapd serve --poll-us 200 used ${used} ticks in 1 s`);
+      }, { extra: ["--poll-us", "200"] });
+    });
+  },
+});
+
 Deno.test({
   name: "FUSE file: size changes are refused, fallocate punches and zeroes, SEEK_DATA/HOLE",
   ignore: skip !== null,

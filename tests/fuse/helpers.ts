@@ -143,7 +143,7 @@ export async function withFuse<T>(
   spec: string,
   path: string,
   fn: (serve: FuseServe) => Promise<T>,
-  options: { readOnly?: boolean } = {},
+  options: { readOnly?: boolean; extra?: string[] } = {},
 ): Promise<T> {
   const serve = await FuseServe.start(spec, path, options);
   let ok = false;
