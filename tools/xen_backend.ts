@@ -3,7 +3,7 @@
  * kernel blkback: xenstore directly, gntdev for the ring, evtchn for kicks, grant copy for data
  * (docs/xen.md). SIGTERM/SIGINT unplug the device (the guest is asked to let go) and exit.
  */
-import { parseChoice, parseCommandLine } from "../cli/args.ts";
+import { parseChoice, parseCommandLine, parseCount } from "../cli/args.ts";
 import { type Command, UsageError } from "../cli/command.ts";
 import { createLogger } from "../cli/log.ts";
 import { SignalQueue } from "../cli/signals.ts";
@@ -18,7 +18,7 @@ export const xenBackendCommand: Command = {
   summary: "serve one disk to a Xen guest as /dev/xvdX from dom0 (userspace blkback)",
   usage: `Usage: tapd xen-backend SPEC --domid D [--vdev NAME] [--read-only] [--adopt]
                         [--engine aio|uring|sync] [--xenstore PATH] [--unplug-timeout S]
-                        [--data copy|map]
+                        [--data copy|map] [--poll-us N]
 
 Serves the disk SPEC (tap:TYPE:PATH) to Xen domain D as its block device NAME (default
 xvda; also xvdb…, hdX, sdX or a numeric devid). Run it in dom0 as root, with the xen-evtchn and
@@ -35,6 +35,9 @@ guest keeps the disk busy past --unplug-timeout seconds (10), tapd disconnects a
 into pooled buffers, nothing of the guest stays mapped) or \`map\` (each request's pages are
 mapped for its duration and the disk reads or writes them directly); see docs/xen.md.
 
+--poll-us N: look at the rings and for completions instead of sleeping until woken, until N µs
+pass without a request arriving or completing (default 0), as \`tapd tapdisk --poll-us\`.
+
 Examples:
   tapd xen-backend tap:qcow:/var/lib/vm/guest.qcow --domid 3 --vdev xvdb
   tapd xen-backend aio:/dev/vg0/guest,ro --domid 3 --read-only`,
@@ -49,6 +52,7 @@ Examples:
       xenstore: { type: "string" },
       "unplug-timeout": { type: "string", default: "10" },
       data: { type: "string", default: "copy" },
+      "poll-us": { type: "string" },
     });
     if (positionals.length !== 1) throw new UsageError("xen-backend: expected one disk spec");
     const domidText = values.domid;
@@ -72,12 +76,16 @@ Examples:
       ? undefined
       : parseChoice(values.engine, "--engine", ENGINE_KINDS);
     const dataPath = parseChoice(values.data, "--data", DATA_PATHS);
+    const pollMicros = values["poll-us"] === undefined
+      ? undefined
+      : parseCount(values["poll-us"], "--poll-us", 1_000_000, 0);
     const log = createLogger("xen-backend", { pid: Deno.pid });
     const disk = await openDisk(positionals[0], {
       readOnly: values["read-only"],
       engine,
       batch: SERVER_BATCH,
       coalesceAbove: SERVER_COALESCE,
+      pollMicros,
     });
     const signals = new SignalQueue();
     try {
@@ -88,6 +96,7 @@ Examples:
         xenstore: values.xenstore,
         unplugTimeoutMs: unplugTimeout * 1000,
         dataPath,
+        pollMicros,
         stop: signals.next(),
         log,
         ready: (backend) => console.log(backend),
