@@ -129,3 +129,10 @@ export async function exists(path: string): Promise<boolean> {
     return false;
   }
 }
+
+/** CPU time (user + system, in clock ticks) process `pid` has used so far. */
+export function cpuTicks(pid: number): number {
+  const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
+  const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return Number(f[11]) + Number(f[12]); // utime, stime (fields 14 and 15)
+}

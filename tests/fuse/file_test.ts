@@ -15,7 +15,7 @@ import {
   SEEK_DATA,
   SEEK_HOLE,
 } from "../../ffi/constants.ts";
-import { assertBytes, rng, withTempDir } from "../util.ts";
+import { assertBytes, cpuTicks, rng, withTempDir } from "../util.ts";
 import {
   cleanupMount,
   FuseServe,
@@ -138,13 +138,6 @@ Deno.test({
     });
   },
 });
-
-/** CPU time (user + system, in clock ticks) process `pid` has used so far. */
-function cpuTicks(pid: number): number {
-  const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
-  const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  return Number(f[11]) + Number(f[12]);
-}
 
 Deno.test({
   name: "FUSE file, tapd serve --poll-us 200: fio's verified random O_DIRECT I/O, then idle",

@@ -8,7 +8,7 @@
  * TAPD_RING_TEST_TAPD may name another program to run as `tapd` (e.g. a reference backend).
  */
 import assert from "node:assert/strict";
-import { assertBytes, rng, withTempDir } from "../util.ts";
+import { assertBytes, cpuTicks, rng, withTempDir } from "../util.ts";
 import { assertFrontendOk, buildFrontend, type FrontendRun, runFrontend } from "./frontend_c.ts";
 
 const ROOT = new URL("../../", import.meta.url).pathname;
@@ -196,13 +196,6 @@ ringTest(
     assertSameDisk(Deno.readFileSync(img), Deno.readFileSync(shadow), "image vs shadow");
   },
 );
-
-/** CPU time (user + system, in clock ticks) the process has used so far. */
-function cpuTicks(pid: number): number {
-  const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
-  const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  return Number(f[11]) + Number(f[12]); // utime, stime (fields 14 and 15)
-}
 
 ringTest(
   "ring: tapdisk --poll-us 200: 20000 verified random ops, the load mode, then idle again",
