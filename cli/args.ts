@@ -65,6 +65,11 @@ export function parseCount(
   return n;
 }
 
+/** `--poll-us N` (0 … 1,000,000 µs); undefined when not given. */
+export function parsePollMicros(text: string | undefined): number | undefined {
+  return text === undefined ? undefined : parseCount(text, "--poll-us", 1_000_000, 0);
+}
+
 /** One of a fixed set of words. */
 export function parseChoice<T extends string>(
   text: string,

@@ -6,7 +6,7 @@
 import type { Logger } from "../cli/log.ts";
 import { openDisk } from "../drivers/mod.ts";
 import { type FuseCloseOptions, FuseExport } from "../fuse/export.ts";
-import { type EngineKind, SERVER_BATCH, SERVER_COALESCE } from "../io/engine.ts";
+import { type EngineKind, SERVER_ENGINE } from "../io/engine.ts";
 import { formatNbdAddress, type NbdAddress, nbdUri } from "../nbd/address.ts";
 import { NbdServer } from "../nbd/server.ts";
 import { LocalRingListener } from "../ring/local.ts";
@@ -79,8 +79,7 @@ export class TapdiskServer {
     const disk = await openDisk(o.spec, {
       readOnly: o.readOnly,
       engine: o.engine,
-      batch: SERVER_BATCH,
-      coalesceAbove: SERVER_COALESCE,
+      ...SERVER_ENGINE,
       pollMicros: o.pollMicros,
     });
     const gate = this.#gate = new DiskGate(disk);
@@ -218,8 +217,7 @@ export class TapdiskServer {
     const next = await openDisk(reopen, {
       readOnly: this.#options.readOnly,
       engine: this.#options.engine,
-      batch: SERVER_BATCH,
-      coalesceAbove: SERVER_COALESCE,
+      ...SERVER_ENGINE,
       pollMicros: this.#options.pollMicros,
     });
     try {

@@ -76,3 +76,9 @@ export const SERVER_BATCH = 16;
  * ring (~7 per call already) and QD below 32 are unaffected.
  */
 export const SERVER_COALESCE = 32;
+
+/** The engine tuning every export opens its disk with. */
+export const SERVER_ENGINE: Readonly<EngineOptions> = {
+  batch: SERVER_BATCH,
+  coalesceAbove: SERVER_COALESCE,
+};

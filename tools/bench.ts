@@ -6,7 +6,14 @@ import { openDisk } from "../drivers/mod.ts";
 import type { Disk } from "../drivers/disk.ts";
 import { sharedPool } from "../io/buffer_pool.ts";
 import { ENGINE_KINDS } from "../io/engine.ts";
-import { parseChoice, parseCommandLine, parseCount, parseCpuList, parseSize } from "../cli/args.ts";
+import {
+  parseChoice,
+  parseCommandLine,
+  parseCount,
+  parseCpuList,
+  parsePollMicros,
+  parseSize,
+} from "../cli/args.ts";
 import { pinProcess } from "../ffi/process.ts";
 import { RingFrontend } from "../ring/frontend.ts";
 import { type Command, UsageError } from "../cli/command.ts";
@@ -203,9 +210,7 @@ Writes overwrite the disk's contents.`,
     const batch = values.batch === undefined
       ? undefined
       : parseCount(values.batch, "--batch", 4096);
-    const pollMicros = values["poll-us"] === undefined
-      ? undefined
-      : parseCount(values["poll-us"], "--poll-us", 1_000_000, 0);
+    const pollMicros = parsePollMicros(values["poll-us"]);
     if (values.cpus !== undefined) pinProcess(parseCpuList(values.cpus));
     const write = options.rw.endsWith("write");
     let spec: string, r: Omit<BenchResult, "spec" | "engine">;

@@ -2,7 +2,7 @@
  * `tapd ctl`: talks to `tapd daemon` over its control socket (tap-ctl's heir): attach, list,
  * detach, pause, resume (optionally on a new image), stats.
  */
-import { formatSize, parseCommandLine, parseCount } from "../cli/args.ts";
+import { formatSize, parseCommandLine, parsePollMicros } from "../cli/args.ts";
 import { type Command, UsageError } from "../cli/command.ts";
 import { controlRequest } from "../daemon/client.ts";
 import type { ControlReply, DiskRecord } from "../daemon/control_protocol.ts";
@@ -131,9 +131,7 @@ export const ctlCommand: Command = {
           fuse: values.fuse === undefined ? null : absolute(values.fuse),
           xen: values.xen ?? null,
           readOnly: values["read-only"] ?? false,
-          pollMicros: values["poll-us"] === undefined
-            ? 0
-            : parseCount(values["poll-us"], "--poll-us", 1_000_000, 0),
+          pollMicros: parsePollMicros(values["poll-us"]) ?? 0,
         };
         break;
       case "list":

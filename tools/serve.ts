@@ -3,12 +3,12 @@
  * qemu-storage-daemon. SIGTERM/SIGINT stop it: no new clients, the FUSE file is unmounted,
  * requests in flight finish, the disk is flushed and closed, exit 0.
  */
-import { parseChoice, parseCommandLine, parseCount } from "../cli/args.ts";
+import { parseChoice, parseCommandLine, parsePollMicros } from "../cli/args.ts";
 import { type Command, UsageError } from "../cli/command.ts";
 import { createLogger } from "../cli/log.ts";
 import { SignalQueue } from "../cli/signals.ts";
 import { openDisk } from "../drivers/mod.ts";
-import { ENGINE_KINDS, SERVER_BATCH, SERVER_COALESCE } from "../io/engine.ts";
+import { ENGINE_KINDS, SERVER_ENGINE } from "../io/engine.ts";
 import { formatNbdAddress, nbdUri, parseNbdAddress } from "../nbd/address.ts";
 import { NbdServer } from "../nbd/server.ts";
 import { FuseExport, MountError } from "../fuse/export.ts";
@@ -66,15 +66,12 @@ Examples:
     const engine = values.engine === undefined
       ? undefined
       : parseChoice(values.engine, "--engine", ENGINE_KINDS);
-    const pollMicros = values["poll-us"] === undefined
-      ? undefined
-      : parseCount(values["poll-us"], "--poll-us", 1_000_000, 0);
+    const pollMicros = parsePollMicros(values["poll-us"]);
     const log = createLogger("serve", { pid: Deno.pid });
     const disk = await openDisk(positionals[0], {
       readOnly: values["read-only"],
       engine,
-      batch: SERVER_BATCH,
-      coalesceAbove: SERVER_COALESCE,
+      ...SERVER_ENGINE,
       pollMicros,
     });
     try {

@@ -4,7 +4,7 @@
  * unplugs the guest's device, finishes the requests in flight, flushes and exits 0. Under the daemon (`--control stdio`) it also takes commands on
  * stdin (daemon/tapdisk_control.ts).
  */
-import { parseChoice, parseCommandLine, parseCount } from "../cli/args.ts";
+import { parseChoice, parseCommandLine, parsePollMicros } from "../cli/args.ts";
 import { type Command, UsageError } from "../cli/command.ts";
 import { createLogger, type Logger } from "../cli/log.ts";
 import { SignalQueue } from "../cli/signals.ts";
@@ -100,9 +100,7 @@ mount (its users get I/O errors). A \`stop\` command is refused instead, and the
     const engine = values.engine === undefined
       ? undefined
       : parseChoice(values.engine, "--engine", ENGINE_KINDS);
-    const pollMicros = values["poll-us"] === undefined
-      ? undefined
-      : parseCount(values["poll-us"], "--poll-us", 1_000_000, 0);
+    const pollMicros = parsePollMicros(values["poll-us"]);
     const exportName = values["export-name"];
     const log = createLogger("tapdisk", {
       pid: Deno.pid,

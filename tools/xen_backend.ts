@@ -3,12 +3,12 @@
  * kernel blkback: xenstore directly, gntdev for the ring, evtchn for kicks, grant copy for data
  * (docs/xen.md). SIGTERM/SIGINT unplug the device (the guest is asked to let go) and exit.
  */
-import { parseChoice, parseCommandLine, parseCount } from "../cli/args.ts";
+import { parseChoice, parseCommandLine, parsePollMicros } from "../cli/args.ts";
 import { type Command, UsageError } from "../cli/command.ts";
 import { createLogger } from "../cli/log.ts";
 import { SignalQueue } from "../cli/signals.ts";
 import { openDisk } from "../drivers/mod.ts";
-import { ENGINE_KINDS, SERVER_BATCH, SERVER_COALESCE } from "../io/engine.ts";
+import { ENGINE_KINDS, SERVER_ENGINE } from "../io/engine.ts";
 import { DATA_PATHS } from "../xen/kernel.ts";
 import { serveXenVbd } from "../xen/serve.ts";
 import { parseVdev } from "../xen/vbd_paths.ts";
@@ -76,15 +76,12 @@ Examples:
       ? undefined
       : parseChoice(values.engine, "--engine", ENGINE_KINDS);
     const dataPath = parseChoice(values.data, "--data", DATA_PATHS);
-    const pollMicros = values["poll-us"] === undefined
-      ? undefined
-      : parseCount(values["poll-us"], "--poll-us", 1_000_000, 0);
+    const pollMicros = parsePollMicros(values["poll-us"]);
     const log = createLogger("xen-backend", { pid: Deno.pid });
     const disk = await openDisk(positionals[0], {
       readOnly: values["read-only"],
       engine,
-      batch: SERVER_BATCH,
-      coalesceAbove: SERVER_COALESCE,
+      ...SERVER_ENGINE,
       pollMicros,
     });
     const signals = new SignalQueue();
