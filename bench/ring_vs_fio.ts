@@ -1,6 +1,6 @@
 /**
  * The blkif ring path against fio on the same raw file, in one run. `tapd tapdisk` serves the
- * file on a ring (at its defaults, and with `--poll-us 200`); the frontends are
+ * file on a ring (at its defaults, and with `--poll-us 1000`); the frontends are
  *   - the C frontend of the ring tests (tests/ring/c/frontend.c, built with gcc against Xen's
  *     ring.h and blkif.h, as a guest's blkfront is), in its `load` mode: sleeping on the notify
  *     eventfd, or spinning on the ring for 1 ms before it sleeps;
@@ -67,11 +67,11 @@ async function cIops(sock: string, w: Workload, spinMicros: number): Promise<num
 }
 
 const plain = "/tmp/tapd-ring-bench.sock", polled = "/tmp/tapd-ring-bench-poll.sock";
-const servers = [await startTapdisk(plain, []), await startTapdisk(polled, ["--poll-us=200"])];
+const servers = [await startTapdisk(plain, []), await startTapdisk(polled, ["--poll-us=1000"])];
 const configs: { label: string; iops: (w: Workload) => Promise<number> }[] = [
   { label: "C frontend, tapdisk defaults", iops: (w) => cIops(plain, w, 0) },
   {
-    label: "C frontend spinning 1 ms, tapdisk --poll-us 200",
+    label: "C frontend spinning 1 ms, tapdisk --poll-us 1000",
     iops: (w) => cIops(polled, w, 1000),
   },
   {
@@ -79,7 +79,7 @@ const configs: { label: string; iops: (w: Workload) => Promise<number> }[] = [
     iops: (w) => tapdIops(`--ring=unix:${plain}`, w, seconds),
   },
   {
-    label: "tapd bench --ring --poll-us 1000, tapdisk --poll-us 200",
+    label: "tapd bench --ring --poll-us 1000, tapdisk --poll-us 1000",
     iops: (w) => tapdIops(`--ring=unix:${polled}`, w, seconds, ["--poll-us=1000"]),
   },
 ];

@@ -4,7 +4,7 @@
  * and tools all talk to a Disk.
  */
 import { type Buffers, byteLength } from "../io/engine.ts";
-import type { DiskImpl, DiskInfo, Extent } from "./driver.ts";
+import type { DiskDone, DiskImpl, DiskInfo, Extent } from "./driver.ts";
 import { DiskError } from "./errors.ts";
 
 export class Disk implements AsyncDisposable {
@@ -34,6 +34,25 @@ export class Disk implements AsyncDisposable {
   write(offset: number, bufs: Buffers): Promise<void> {
     return this.#check("write", offset, byteLength(bufs), true) ??
       this.#track(this.#impl.write(offset, bufs));
+  }
+
+  /** read/write in callback form (DiskImpl.submit), with the same checks. */
+  submit(write: boolean, offset: number, bufs: Buffers, done: DiskDone): void {
+    const error = this.#invalid(write ? "write" : "read", offset, byteLength(bufs), write);
+    if (error !== null) {
+      queueMicrotask(() => done(error));
+      return;
+    }
+    this.#inflight++;
+    const finish = (e: Error | null): void => {
+      this.#settled();
+      done(e);
+    };
+    const impl = this.#impl;
+    if (impl.submit !== undefined) impl.submit(write, offset, bufs, finish);
+    else {
+      (write ? impl.write(offset, bufs) : impl.read(offset, bufs)).then(() => finish(null), finish);
+    }
   }
 
   flush(): Promise<void> {
@@ -80,13 +99,22 @@ export class Disk implements AsyncDisposable {
 
   #closedError(what: string): Promise<never> | null {
     if (this.#closed === null) return null;
-    return Promise.reject(new DiskError("EIO", `${what}: disk ${this.name} is closed`));
+    return Promise.reject(this.#closedDiskError(what));
+  }
+
+  #closedDiskError(what: string): DiskError {
+    return new DiskError("EIO", `${what}: disk ${this.name} is closed`);
   }
 
   /** A rejected promise when the request is invalid, null when it may go to the driver. */
   #check(what: string, offset: number, length: number, writes: boolean): Promise<never> | null {
-    const closed = this.#closedError(what);
-    if (closed !== null) return closed;
+    const error = this.#invalid(what, offset, length, writes);
+    return error === null ? null : Promise.reject(error);
+  }
+
+  /** Why a request may not go to the driver, or null. */
+  #invalid(what: string, offset: number, length: number, writes: boolean): DiskError | null {
+    if (this.#closed !== null) return this.#closedDiskError(what);
     const sector = this.info.logicalSectorSize, size = this.info.size;
     let error: DiskError | null = null;
     if (!Number.isSafeInteger(offset) || offset < 0 || offset % sector !== 0) {
@@ -104,6 +132,6 @@ export class Disk implements AsyncDisposable {
     } else if (writes && this.info.readOnly) {
       error = new DiskError("EROFS", `${what}: disk ${this.name} is read-only`);
     }
-    return error === null ? null : Promise.reject(error);
+    return error;
   }
 }

@@ -17,6 +17,9 @@ import type { Disk } from "./disk.ts";
 
 export type { Buffers };
 
+/** Called once when a request started with `submit` ends: null, or why it failed. */
+export type DiskDone = (error: Error | null) => void;
+
 /** What an open disk is. */
 export interface DiskInfo {
   /** Virtual size in bytes, a multiple of the logical sector size. */
@@ -49,6 +52,12 @@ export interface DiskImpl {
   read(offset: number, bufs: Buffers): Promise<void>;
   /** Writes `bufs` at `offset`. Acknowledged data is durable only after `flush`. */
   write(offset: number, bufs: Buffers): Promise<void>;
+  /**
+   * Optional: read (`write` false) or write in callback form, for drivers whose request path is
+   * one engine call (the Disk wrapper falls back to read/write otherwise). `done` gets null or
+   * the error, never from within the call itself.
+   */
+  submit?(write: boolean, offset: number, bufs: Buffers, done: DiskDone): void;
   /** Makes every acknowledged write durable. */
   flush(): Promise<void>;
   /** Says the range is no longer needed (its contents become unspecified, usually zero). */

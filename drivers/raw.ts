@@ -22,7 +22,7 @@ import {
 import { sharedPool } from "../io/buffer_pool.ts";
 import { type Buffers, byteLength, type EngineKind, type IoEngine } from "../io/engine.ts";
 import { createEngine } from "../io/mod.ts";
-import type { DiskImpl, DiskInfo, DiskOptions, Driver, Extent } from "./driver.ts";
+import type { DiskDone, DiskImpl, DiskInfo, DiskOptions, Driver, Extent } from "./driver.ts";
 import { DiskError } from "./errors.ts";
 
 /** Extents reported by one blockStatus call at most (each costs two lseeks). */
@@ -87,8 +87,31 @@ class RawDisk implements DiskImpl {
   }
 
   async read(offset: number, bufs: Buffers): Promise<void> {
-    const want = byteLength(bufs);
     const got = await this.#engine.read(this.#file, offset, bufs);
+    this.#checkRead(offset, bufs, got);
+  }
+
+  async write(offset: number, bufs: Buffers): Promise<void> {
+    const got = await this.#engine.write(this.#file, offset, bufs);
+    this.#checkWrite(offset, bufs, got);
+  }
+
+  submit(write: boolean, offset: number, bufs: Buffers, done: DiskDone): void {
+    this.#engine.submit(write, this.#file, offset, bufs, (got) => {
+      if (typeof got !== "number") return done(got);
+      try {
+        if (write) this.#checkWrite(offset, bufs, got);
+        else this.#checkRead(offset, bufs, got);
+      } catch (e) {
+        return done(e as Error);
+      }
+      done(null);
+    });
+  }
+
+  /** A short read is an error, except at the end of the file (a partial last sector: zeros). */
+  #checkRead(offset: number, bufs: Buffers, got: number): void {
+    const want = byteLength(bufs);
     if (got === want) return;
     if (offset + got < this.#fileSize) {
       throw new DiskError(
@@ -99,9 +122,8 @@ class RawDisk implements DiskImpl {
     zeroFrom(bufs, got);
   }
 
-  async write(offset: number, bufs: Buffers): Promise<void> {
+  #checkWrite(offset: number, bufs: Buffers, got: number): void {
     const want = byteLength(bufs);
-    const got = await this.#engine.write(this.#file, offset, bufs);
     if (got !== want) {
       throw new DiskError(
         "EIO",

@@ -3,7 +3,7 @@
  * DiskGate (serve/gate.ts), which adds pause, resume-on-a-new-image and statistics in front.
  */
 import type { Buffers } from "../io/engine.ts";
-import type { DiskInfo, Extent } from "./driver.ts";
+import type { DiskDone, DiskInfo, Extent } from "./driver.ts";
 
 export interface BlockTarget {
   readonly info: DiskInfo;
@@ -12,6 +12,8 @@ export interface BlockTarget {
   readonly name: string;
   read(offset: number, bufs: Buffers): Promise<void>;
   write(offset: number, bufs: Buffers): Promise<void>;
+  /** read (`write` false) or write in callback form: the request path of the ring and FUSE. */
+  submit(write: boolean, offset: number, bufs: Buffers, done: DiskDone): void;
   flush(): Promise<void>;
   discard(offset: number, length: number): Promise<void>;
   writeZeroes(offset: number, length: number, options?: { mayUnmap?: boolean }): Promise<void>;

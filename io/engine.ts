@@ -14,12 +14,23 @@ export const ENGINE_KINDS: readonly EngineKind[] = ["aio", "uring", "sync"];
 /** One buffer or a scatter-gather list, filled or drained in order. */
 export type Buffers = Uint8Array | readonly Uint8Array[];
 
+/**
+ * Called once when an operation started with `submit` ends: the bytes transferred, or the
+ * error. Never called from within `submit` itself, and must not throw.
+ */
+export type IoDone = (result: number | Error) => void;
+
 export interface IoEngine {
   readonly kind: EngineKind;
   /** Reads at `offset` into `bufs`; resolves with the bytes read (fewer only at end of file). */
   read(file: FileHandle, offset: number, bufs: Buffers): Promise<number>;
   /** Writes `bufs` at `offset`; resolves with the bytes written. */
   write(file: FileHandle, offset: number, bufs: Buffers): Promise<number>;
+  /**
+   * read/write in callback form, for request paths where the promises of the calls above (and of
+   * every layer awaiting them) cost more than the request itself.
+   */
+  submit(write: boolean, file: FileHandle, offset: number, bufs: Buffers, done: IoDone): void;
   /** fsync, or fdatasync when `dataOnly`. */
   fsync(file: FileHandle, dataOnly: boolean): Promise<void>;
   /** fallocate(2): punch holes, zero ranges, preallocate. */

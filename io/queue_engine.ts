@@ -16,6 +16,7 @@ import {
   byteLength,
   type EngineKind,
   type EngineOptions,
+  type IoDone,
   type IoEngine,
 } from "./engine.ts";
 
@@ -129,6 +130,30 @@ export abstract class QueueEngine implements IoEngine {
     return this.#enqueue(OP_WRITE, file, offset, bufs, 0, 0);
   }
 
+  submit(write: boolean, file: FileHandle, offset: number, bufs: Buffers, done: IoDone): void {
+    if (this.#closed !== null) {
+      const error = new Error(`The ${this.kind} engine is closed`);
+      queueMicrotask(() => done(error));
+      return;
+    }
+    // `done` takes both outcomes, so it stands in for resolve and reject.
+    const op = write ? OP_WRITE : OP_READ;
+    if (this.#freeTop === 0) {
+      this.#waiting.push({
+        op,
+        file,
+        offset,
+        bufs,
+        arg: 0,
+        length: 0,
+        resolve: done,
+        reject: done,
+      });
+    } else {
+      this.#start(op, file, offset, bufs, 0, 0, done, done);
+    }
+  }
+
   async fsync(file: FileHandle, dataOnly: boolean): Promise<void> {
     await this.#enqueue(dataOnly ? OP_FDSYNC : OP_FSYNC, file, 0, EMPTY, 0, 0);
   }
@@ -183,7 +208,7 @@ export abstract class QueueEngine implements IoEngine {
     try {
       fd = file.fd;
     } catch (e) {
-      reject(e as Error);
+      queueMicrotask(() => reject(e as Error)); // never from within submit()
       return;
     }
     const slot = this.#freeSlots[--this.#freeTop];

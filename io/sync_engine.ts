@@ -8,7 +8,7 @@ import type { FileHandle } from "../ffi/file.ts";
 import { libc } from "../ffi/libc.ts";
 import { addressOf } from "../ffi/memory.ts";
 import { sharedPool } from "./buffer_pool.ts";
-import type { Buffers, EngineOptions, IoEngine } from "./engine.ts";
+import type { Buffers, EngineOptions, IoDone, IoEngine } from "./engine.ts";
 
 export class SyncEngine implements IoEngine {
   readonly kind = "sync";
@@ -28,6 +28,10 @@ export class SyncEngine implements IoEngine {
 
   write(file: FileHandle, offset: number, bufs: Buffers): Promise<number> {
     return this.#run(() => transfer(file, offset, bufs, true));
+  }
+
+  submit(write: boolean, file: FileHandle, offset: number, bufs: Buffers, done: IoDone): void {
+    (write ? this.write(file, offset, bufs) : this.read(file, offset, bufs)).then(done, done);
   }
 
   fsync(file: FileHandle, dataOnly: boolean): Promise<void> {

@@ -70,6 +70,9 @@ export class RingServer {
   readonly #sectors: number;
   #inflight = 0;
   #drained: (() => void) | null = null;
+  #loopEnded: (() => void) | null = null;
+  /** Why waiting for a kick failed (the transport broke), thrown by run() after the drain. */
+  #waitError: unknown = undefined;
   #pushScheduled = false;
   #stopping = false;
   #broken: RingProtocolError | null = null;
@@ -104,24 +107,43 @@ export class RingServer {
    * Throws RingProtocolError (after the drain) if the frontend broke the ring protocol.
    */
   async run(): Promise<void> {
-    const ring = this.#ring;
     this.#taking = true;
-    for (;;) {
-      this.#take();
-      if (this.#stopping || this.#broken !== null) break;
-      // While polling, req_event is left behind, so the frontend does not kick either.
-      const poll = this.#poll;
-      if (poll?.keepLooking()) {
-        await poll.next();
-        continue;
-      }
-      if (ring.finalCheck()) continue;
-      if (!(await this.#t.waitKick())) break;
-    }
+    await new Promise<void>((resolve) => {
+      this.#loopEnded = resolve;
+      this.#look();
+    });
     this.#taking = false; // from here on only requests in flight finish
     if (this.#inflight > 0) await new Promise<void>((resolve) => this.#drained = resolve);
     if (this.#broken !== null) throw this.#broken;
+    if (this.#waitError !== undefined) throw this.#waitError;
   }
+
+  /**
+   * One turn of the serving loop, as a callback (a poll look allocates nothing): take what the
+   * frontend published, then look again (polling) or sleep until it kicks.
+   */
+  #look = (): void => {
+    const ring = this.#ring;
+    for (;;) {
+      this.#take();
+      if (this.#stopping || this.#broken !== null) return this.#loopEnded!();
+      // While polling, req_event is left behind, so the frontend does not kick either.
+      const poll = this.#poll;
+      if (poll?.keepLooking()) return poll.schedule(this.#look);
+      if (!ring.finalCheck()) break;
+    }
+    this.#t.waitKick().then(this.#kicked, this.#waitFailed);
+  };
+
+  #waitFailed = (e: unknown): void => {
+    this.#waitError = e;
+    this.#loopEnded!();
+  };
+
+  #kicked = (more: boolean): void => {
+    if (more) this.#look();
+    else this.#loopEnded!();
+  };
 
   /**
    * Dispatches every request the frontend has published. Called by the loop above after a
@@ -151,19 +173,23 @@ export class RingServer {
   #dispatch(req: BlkifRequest): void {
     this.#inflight++;
     this.stats.requests++;
-    let work: Promise<void>;
+    let work: Promise<void> | null;
     try {
       work = this.#execute(req);
     } catch (e) {
       work = Promise.reject(e);
     }
-    work.then(
-      () => this.#complete(req, BLKIF_RSP_OKAY),
-      (e) => {
-        if (e instanceof Malformed) this.#onError((e as Error).message);
-        this.#complete(req, e instanceof Unsupported ? BLKIF_RSP_EOPNOTSUPP : BLKIF_RSP_ERROR);
-      },
-    );
+    work?.then(() => this.#complete(req, BLKIF_RSP_OKAY), (e) => this.#fail(req, e));
+  }
+
+  #settle(req: BlkifRequest, error: Error | null): void {
+    if (error === null) this.#complete(req, BLKIF_RSP_OKAY);
+    else this.#fail(req, error);
+  }
+
+  #fail(req: BlkifRequest, e: unknown): void {
+    if (e instanceof Malformed) this.#onError((e as Error).message);
+    this.#complete(req, e instanceof Unsupported ? BLKIF_RSP_EOPNOTSUPP : BLKIF_RSP_ERROR);
   }
 
   #complete(req: BlkifRequest, status: number): void {
@@ -183,34 +209,37 @@ export class RingServer {
     if (this.#taking) this.#take();
   };
 
-  /** Runs one request; throws (Malformed/Unsupported or the disk's error) for an error response. */
-  #execute(req: BlkifRequest): Promise<void> {
+  /**
+   * Runs one request; throws (Malformed/Unsupported or the disk's error) for an error response.
+   * Reads and writes, the hot path, return null: they settle through a callback, without the
+   * promises of every layer between here and the engine.
+   */
+  #execute(req: BlkifRequest): Promise<void> | null {
     const disk = this.#disk;
     switch (req.operation) {
       case BLKIF_OP_READ:
-        return this.#transfer(req, req.segments, this.#direct(req, 1), false);
-      case BLKIF_OP_WRITE:
-        return this.#transfer(req, req.segments, this.#direct(req, 1), true);
+      case BLKIF_OP_WRITE: {
+        const write = req.operation === BLKIF_OP_WRITE;
+        this.#transfer(req, req.segments, this.#direct(req, 1), write, (e) => this.#settle(req, e));
+        return null;
+      }
       case BLKIF_OP_INDIRECT: {
         if (req.responseOp !== BLKIF_OP_READ && req.responseOp !== BLKIF_OP_WRITE) {
           throw new Malformed(`indirect operation ${req.responseOp}`);
         }
-        const segs = this.#indirectSegments(req);
-        return this.#transfer(req, segs, req.nrSegments, req.responseOp === BLKIF_OP_WRITE);
+        const segs = this.#indirectSegments(req), write = req.responseOp === BLKIF_OP_WRITE;
+        this.#transfer(req, segs, req.nrSegments, write, (e) => this.#settle(req, e));
+        return null;
       }
       case BLKIF_OP_FLUSH_DISKCACHE: {
         // A flush may carry data (written first); it completes once every completed write is durable.
         if (req.nrSegments === 0) return disk.flush();
-        return this.#transfer(req, req.segments, this.#direct(req, 1), true).then(() =>
-          disk.flush()
-        );
+        return this.#written(req, this.#direct(req, 1)).then(() => disk.flush());
       }
       case BLKIF_OP_WRITE_BARRIER: {
         if (req.nrSegments === 0) return disk.flush();
         const n = this.#direct(req, 1);
-        return disk.flush().then(() => this.#transfer(req, req.segments, n, true)).then(() =>
-          disk.flush()
-        );
+        return disk.flush().then(() => this.#written(req, n)).then(() => disk.flush());
       }
       case BLKIF_OP_DISCARD: {
         if (req.nrSectors === 0) return Promise.resolve();
@@ -220,6 +249,13 @@ export class RingServer {
       default:
         throw new Unsupported(`operation ${req.operation}`);
     }
+  }
+
+  /** Writes a request's `n` direct segments (the data of a flush or barrier). */
+  #written(req: BlkifRequest, n: number): Promise<void> {
+    return new Promise((resolve, reject) =>
+      this.#transfer(req, req.segments, n, true, (e) => e === null ? resolve() : reject(e))
+    );
   }
 
   /** The segment count of a direct request, checked. */
@@ -252,8 +288,17 @@ export class RingServer {
     return segs;
   }
 
-  /** Checks `n` segments and the disk range they cover, then moves the data. */
-  #transfer(req: BlkifRequest, segs: Uint32Array, n: number, write: boolean): Promise<void> {
+  /**
+   * Checks `n` segments and the disk range they cover (throwing), then moves the data; `done`
+   * gets the outcome.
+   */
+  #transfer(
+    req: BlkifRequest,
+    segs: Uint32Array,
+    n: number,
+    write: boolean,
+    done: (error: Error | null) => void,
+  ): void {
     let sectors = 0;
     for (let i = 0; i < n; i++) {
       const first = segs[i * 3 + 1], last = segs[i * 3 + 2];
@@ -264,29 +309,21 @@ export class RingServer {
     }
     this.#checkRange(req.sector, sectors);
     if (write && this.#disk.info.readOnly) throw new ReadOnly("write to a read-only disk");
-    const data = this.#t.data, disk = this.#disk, offset = req.sector * SECTOR;
+    const data = this.#t.data;
     let bufs: Buffers;
     try {
       bufs = data.acquire(segs, n, write);
     } catch (e) {
       throw new Malformed((e as Error).message);
     }
-    if (write) {
-      return disk.write(offset, bufs).finally(() => data.release(bufs, segs, n, false));
-    }
-    return disk.read(offset, bufs).then(
-      () => {
-        try {
-          data.release(bufs, segs, n, true);
-        } catch (e) {
-          throw new Malformed((e as Error).message);
-        }
-      },
-      (e) => {
-        data.release(bufs, segs, n, false);
-        throw e;
-      },
-    );
+    this.#disk.submit(write, req.sector * SECTOR, bufs, (error) => {
+      try {
+        data.release(bufs, segs, n, !write && error === null);
+      } catch (e) {
+        return done(error ?? new Malformed((e as Error).message));
+      }
+      done(error);
+    });
   }
 
   /** Overflow-safe: `count` sectors from `sector` lie on the disk. */

@@ -5,7 +5,7 @@
  * flow: pause, make an overlay whose backing file is the old image, resume on the overlay).
  */
 import type { Disk } from "../drivers/disk.ts";
-import type { DiskInfo, Extent } from "../drivers/driver.ts";
+import type { DiskDone, DiskInfo, Extent } from "../drivers/driver.ts";
 import { DiskError } from "../drivers/errors.ts";
 import type { BlockTarget } from "../drivers/target.ts";
 import { type Buffers, byteLength } from "../io/engine.ts";
@@ -25,6 +25,8 @@ export class DiskGate implements BlockTarget {
   #held: Promise<void> | null = null;
   #release: (() => void) | null = null;
   readonly #stats = new Map<Op, OpStats>(OPS.map((op) => [op, new OpStats()]));
+  readonly #readStats = this.#stats.get("read")!;
+  readonly #writeStats = this.#stats.get("write")!;
 
   constructor(disk: Disk) {
     this.#disk = disk;
@@ -56,6 +58,21 @@ export class DiskGate implements BlockTarget {
 
   write(offset: number, bufs: Buffers): Promise<void> {
     return this.#run("write", byteLength(bufs), (d) => d.write(offset, bufs));
+  }
+
+  submit(write: boolean, offset: number, bufs: Buffers, done: DiskDone): void {
+    if (this.#held !== null) {
+      this.#held.then(() => this.submit(write, offset, bufs, done));
+      return;
+    }
+    const stats = write ? this.#writeStats : this.#readStats;
+    const bytes = byteLength(bufs), start = stats.start();
+    this.#inflight++;
+    this.#disk.submit(write, offset, bufs, (e) => {
+      stats.end(start, bytes, e !== null);
+      this.#left();
+      done(e);
+    });
   }
 
   flush(): Promise<void> {
@@ -122,7 +139,7 @@ export class DiskGate implements BlockTarget {
   async #run<T>(op: Op, bytes: number, call: (disk: Disk) => Promise<T>): Promise<T> {
     if (this.#held !== null) await this.#held;
     const stats = this.#stats.get(op)!;
-    const start = performance.now();
+    const start = stats.start();
     this.#inflight++;
     let failed = true;
     try {
@@ -130,12 +147,16 @@ export class DiskGate implements BlockTarget {
       failed = false;
       return result;
     } finally {
-      stats.record((performance.now() - start) * 1000, bytes, failed);
-      if (--this.#inflight === 0 && this.#idle !== null) {
-        const idle = this.#idle;
-        this.#idle = null;
-        idle();
-      }
+      stats.end(start, bytes, failed);
+      this.#left();
+    }
+  }
+
+  #left(): void {
+    if (--this.#inflight === 0 && this.#idle !== null) {
+      const idle = this.#idle;
+      this.#idle = null;
+      idle();
     }
   }
 }

@@ -423,6 +423,47 @@ for (const kind of ENGINE_KINDS) {
     });
   });
 
+  Deno.test(`${kind}: submit (the callback form): bytes or the error, later than the call`, async () => {
+    await withEngine(kind, { size: 4 * MiB, depth: 8 }, async ({ engine, file, path }) => {
+      // Resolves with what `done` got; rejects when it came from within submit or twice.
+      const submit = (write: boolean, f: FileHandle, offset: number, buf: Uint8Array) =>
+        new Promise<number | Error>((resolve, reject) => {
+          let returned = false, calls = 0;
+          engine.submit(write, f, offset, buf, (result) => {
+            if (!returned || ++calls > 1) reject(new Error("done called early or twice"));
+            else resolve(result);
+          });
+          returned = true;
+        });
+      const N = 64; // more than the depth: the rest wait in the engine's queue
+      const bufs = Array.from({ length: N }, (_, i) => poolBuffer(BLOCK, i));
+      try {
+        const writes = bufs.map((b, i) => submit(true, file, i * BLOCK, b));
+        assert.deepEqual(await Promise.all(writes), new Array(N).fill(BLOCK));
+        for (const b of bufs) b.fill(0xee);
+        const reads = bufs.map((b, i) => submit(false, file, i * BLOCK, b));
+        assert.deepEqual(await Promise.all(reads), new Array(N).fill(BLOCK));
+        bufs.forEach((b, i) => assert.ok(b.every((x) => x === i), `block ${i}`));
+        // Plain memory is bounced; past the end of the file a read is short.
+        const plain = new Uint8Array(4096);
+        assert.equal(await submit(false, file, 0, plain), 4096);
+        assert.ok(plain.every((x) => x === 0));
+        assert.equal(await submit(false, file, 4 * MiB, bufs[0]), 0);
+        // Errors arrive as the Error, not thrown: a closed handle, a read-only descriptor.
+        const closed = FileHandle.open(path, flagsFor(kind));
+        closed.close();
+        assert.match(String(await submit(false, closed, 0, bufs[0])), /closed/);
+        using readOnly = FileHandle.open(path, O_RDONLY);
+        const bad = await submit(true, readOnly, 0, bufs[0]);
+        isEngineError("EBADF", "write", "pwrite")(bad);
+        await engine.close();
+        assert.match(String(await submit(false, file, 0, bufs[0])), /closed/);
+      } finally {
+        for (const b of bufs) sharedPool.give(b);
+      }
+    });
+  });
+
   Deno.test(`${kind}: close waits for requests in flight, then refuses new ones`, async () => {
     await withEngine(kind, { size: 8 * MiB, depth: 16 }, async ({ engine, file }) => {
       const N = 100;

@@ -117,3 +117,51 @@ Deno.test("stats: percentiles come from the histogram within 12.5%", () => {
   }
   assert.equal(new OpStats().percentile(0.5), 0);
 });
+
+Deno.test("gate: submit (the ring's and FUSE's path) is held while paused and counted", async () => {
+  await withTempDir(async (dir) => {
+    Deno.writeFileSync(`${dir}/a.img`, new Uint8Array(MiB));
+    const gate = new DiskGate(await openDisk(`aio:${dir}/a.img`));
+    const submit = (write: boolean, offset: number, buf: Uint8Array) =>
+      new Promise<void>((resolve, reject) =>
+        gate.submit(write, offset, buf, (e) => e === null ? resolve() : reject(e))
+      );
+    try {
+      for (let i = 0; i < 20; i++) await submit(true, i * 4096, filled(4096, i + 1));
+      await gate.pause();
+      let landed = false;
+      const held = submit(true, 20 * 4096, filled(4096, 0x77)).then(() => landed = true);
+      await new Promise((r) => setTimeout(r, 50));
+      assert.equal(landed, false, "a submitted write completed while paused");
+      assert.equal(gate.stats().inFlight, 0, "pause did not drain");
+      await gate.resume();
+      await held;
+      const back = sharedPool.take(21 * 4096);
+      await submit(false, 0, back);
+      for (let i = 0; i < 21; i++) {
+        assert.equal(back[i * 4096], i < 20 ? i + 1 : 0x77, `block ${i}`);
+      }
+      await assert.rejects(submit(false, MiB, back.subarray(0, 4096)), DiskError);
+      const s = gate.stats();
+      assert.equal(s.ops.write.requests, 21);
+      assert.equal(s.ops.write.bytes, 21 * 4096);
+      assert.equal(s.ops.read.requests, 2);
+      assert.equal(s.ops.read.errors, 1);
+      // One request in 8 is timed, the first included.
+      assert.ok(s.ops.write.p50Micros > 0 && s.ops.write.p99Micros >= s.ops.write.p50Micros);
+    } finally {
+      await gate.close();
+    }
+  });
+});
+
+Deno.test("stats: one request in 8 is timed; counts and bytes cover them all", () => {
+  const s = new OpStats();
+  const starts = Array.from({ length: 80 }, () => s.start());
+  assert.equal(starts.filter((t) => t >= 0).length, 10);
+  assert.ok(starts[0] >= 0, "the first request is timed");
+  for (const t of starts) s.end(t, 512, false);
+  assert.equal(s.requests, 80);
+  assert.equal(s.bytes, 80 * 512);
+  assert.ok(s.percentile(0.5) >= 0);
+});

@@ -35,6 +35,9 @@ function failing(inner: IoEngine, fail: { read?: number; write?: number }): IoEn
       if (++writes === fail.write) return Promise.reject(new Error("ENOSPC write: injected"));
       return inner.write(file, offset, bufs);
     },
+    submit(write, file, offset, bufs, done): void {
+      (write ? this.write(file, offset, bufs) : this.read(file, offset, bufs)).then(done, done);
+    },
     fsync: (file, dataOnly) => inner.fsync(file, dataOnly),
     fallocate: (file, mode, offset, length) => inner.fallocate(file, mode, offset, length),
     close: () => inner.close(),

@@ -1,0 +1,99 @@
+/**
+ * The callback form of read/write (BlockTarget.submit, DiskImpl.submit, IoEngine.submit): the
+ * request path of the ring and FUSE. Same data and the same refusals as the promise form, and
+ * `done` is never called from within the call.
+ */
+import assert from "node:assert/strict";
+import { openDisk } from "../../drivers/mod.ts";
+import type { Disk } from "../../drivers/disk.ts";
+import { DiskError } from "../../drivers/errors.ts";
+import { sharedPool } from "../../io/buffer_pool.ts";
+import { VARIANTS } from "./variants.ts";
+import { assertBytes, rng, withTempDir } from "../util.ts";
+
+const MiB = 1024 * 1024;
+const SIZE = 4 * MiB;
+
+/** Runs one submit; rejects if `done` came synchronously or more than once. */
+function submitted(disk: Disk, write: boolean, offset: number, buf: Uint8Array): Promise<void> {
+  return new Promise((resolve, reject) => {
+    let returned = false, calls = 0;
+    disk.submit(write, offset, buf, (e) => {
+      calls++;
+      if (!returned) reject(new Error("done was called from within submit"));
+      else if (calls > 1) reject(new Error("done was called twice"));
+      else if (e === null) resolve();
+      else reject(e);
+    });
+    returned = true;
+  });
+}
+
+for (const v of VARIANTS) {
+  Deno.test(`submit: ${v.name}: 500 random callback reads and writes match a reference`, async () => {
+    await withTempDir(async (dir) => {
+      const path = `${dir}/disk.img`;
+      const r = rng(0x5b);
+      const reference = r.fill(new Uint8Array(SIZE));
+      Deno.writeFileSync(path, reference);
+      const disk = await openDisk(`${v.type}:${path}`, v.options);
+      const bufs = Array.from({ length: 32 }, () => sharedPool.take(64 * 1024));
+      try {
+        for (let round = 0; round < 16; round++) {
+          // Slot i owns its 1/32 of the disk, so requests in flight together never overlap.
+          const region = SIZE / bufs.length;
+          const work = bufs.map((b, i) => {
+            const length = (1 + r.below(16)) * 4096;
+            const at = i * region + r.below((region - length) / 4096 + 1) * 4096;
+            const buf = b.subarray(0, length);
+            if (r.below(2) === 0) {
+              r.fill(buf);
+              reference.set(buf, at);
+              return submitted(disk, true, at, buf);
+            }
+            return submitted(disk, false, at, buf).then(() =>
+              assertBytes(buf, reference.subarray(at, at + length), `read at ${at}`)
+            );
+          });
+          await Promise.all(work);
+        }
+        const back = new Uint8Array(SIZE);
+        await disk.read(0, back);
+        assertBytes(back, reference, "the whole disk");
+      } finally {
+        for (const b of bufs) sharedPool.give(b);
+        await disk.close();
+      }
+    });
+  });
+
+  Deno.test(`submit: ${v.name}: bad requests fail through the callback; close waits`, async () => {
+    await withTempDir(async (dir) => {
+      const path = `${dir}/disk.img`;
+      Deno.writeFileSync(path, new Uint8Array(SIZE));
+      const buf = sharedPool.take(8192);
+      try {
+        const disk = await openDisk(`${v.type}:${path}`, v.options);
+        const code = (e: unknown) => (e as DiskError).code;
+        await assert.rejects(submitted(disk, false, 100, buf), (e) => code(e) === "EINVAL");
+        await assert.rejects(submitted(disk, true, SIZE - 4096, buf), (e) => code(e) === "ENOSPC");
+        await assert.rejects(submitted(disk, false, SIZE, buf), (e) => code(e) === "EINVAL");
+        // In flight when close() is called: it completes, and close waits for it.
+        buf.fill(7);
+        const write = submitted(disk, true, 0, buf);
+        await disk.close();
+        await write;
+        await assert.rejects(submitted(disk, false, 0, buf), (e) => code(e) === "EIO");
+        const ro = await openDisk(`${v.type}:${path},ro`, v.options);
+        await assert.rejects(submitted(ro, true, 0, buf), (e) => code(e) === "EROFS");
+        await submitted(ro, false, 0, buf.fill(0));
+        // (A RAM disk is volatile: its writes end with it.)
+        const landed = v.type === "ram" ? 0 : 7;
+        assert.ok(buf.every((b) => b === landed), "the write before close landed");
+        await ro.close();
+      } finally {
+        sharedPool.give(buf);
+      }
+    });
+  });
+}
