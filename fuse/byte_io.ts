@@ -5,6 +5,7 @@
  * zeroing ranges, and SEEK_DATA/SEEK_HOLE from the disk's block status.
  */
 import { DiskError } from "../drivers/errors.ts";
+import type { DiskDone } from "../drivers/driver.ts";
 import type { BlockTarget } from "../drivers/target.ts";
 import { type BufferPool, sharedPool } from "../io/buffer_pool.ts";
 import { SEEK_DATA, SEEK_HOLE } from "../ffi/constants.ts";
@@ -43,6 +44,17 @@ export class ByteIo {
     }
     await this.#target.read(start, area.subarray(0, end - start));
     return offset - start;
+  }
+
+  /**
+   * A sector-aligned read or write in callback form (BlockTarget.submit), the hot path; false,
+   * with nothing started, when `offset` or the length is not aligned (use readInto or write).
+   */
+  submitAligned(write: boolean, offset: number, buf: Uint8Array, done: DiskDone): boolean {
+    const s = this.#sector;
+    if (offset % s !== 0 || buf.length % s !== 0) return false;
+    this.#target.submit(write, offset, buf, done);
+    return true;
   }
 
   /** Writes `data` at `offset` (inside the disk). */

@@ -48,6 +48,13 @@ const FALLOC_KEEP_SIZE = 0x01, FALLOC_PUNCH_HOLE = 0x02, FALLOC_ZERO_RANGE = 0x1
 /** How long the kernel may cache the file's attributes (they change only through us). */
 const ATTR_VALID_SECONDS = 3600n;
 
+/**
+ * What a handler returns for a request it started in callback form (a plain read or write): it
+ * is in flight, and its callback answers it and calls #settled.
+ */
+const PENDING = Symbol("pending");
+type Handled = void | Promise<void> | typeof PENDING;
+
 /** One request being served: its slot, and where its parts are in the slot. */
 interface Request {
   slot: Slot;
@@ -209,33 +216,39 @@ export class FuseSession {
       length: v.getUint32(READ_AT + IN_HEADER.len, true),
     };
     this.requests++;
-    let work: void | Promise<void> = undefined;
+    let work: Handled = undefined;
     try {
       if (req.length !== n) throw new DiskError("EIO", `request of ${n} bytes says ${req.length}`);
       work = this.#handle(req);
     } catch (e) {
       if (!isNoReply(req.opcode)) this.#fail(req, e);
     }
-    if (!(work instanceof Promise)) {
+    if (work === undefined) {
       this.#slots.give(slot);
       return;
     }
     this.#inflight++;
-    work.catch((e) => {
-      this.#log.error("replying failed", { opcode: req.opcode, error: (e as Error).message });
-    }).then(() => {
-      this.#slots.give(slot);
-      this.#poll?.touch();
-      this.#drainSoon();
-      if (--this.#inflight === 0 && this.#idle !== null) {
-        const idle = this.#idle;
-        this.#idle = null;
-        idle();
-      }
-    });
+    if (work === PENDING) return;
+    work.catch((e) => this.#replyFailed(req, e)).then(() => this.#settled(slot));
   }
 
-  #handle(req: Request): void | Promise<void> {
+  #replyFailed(req: Request, e: unknown): void {
+    this.#log.error("replying failed", { opcode: req.opcode, error: (e as Error).message });
+  }
+
+  /** A request in flight has been answered: its slot is free. */
+  #settled(slot: Slot): void {
+    this.#slots.give(slot);
+    this.#poll?.touch();
+    this.#drainSoon();
+    if (--this.#inflight === 0 && this.#idle !== null) {
+      const idle = this.#idle;
+      this.#idle = null;
+      idle();
+    }
+  }
+
+  #handle(req: Request): Handled {
     switch (req.opcode) {
       case OP.INIT:
         return this.#init(req);
@@ -361,21 +374,29 @@ export class FuseSession {
     this.#initialized.resolve();
   }
 
-  #read(req: Request): void | Promise<void> {
+  #read(req: Request): Handled {
     const v = req.slot.view, b = req.body, size = this.#io.size;
     const offset = Number(v.getBigUint64(b + RW_IN.offset, true));
     const wanted = v.getUint32(b + RW_IN.length, true);
     if (offset >= size || wanted === 0) return this.#ok(req); // end of file: no data
     const length = Math.min(wanted, size - offset, MAX_IO);
     const slot = req.slot;
-    return this.#io.readInto(slot.bytes.subarray(DATA), offset, length).then((skip) => {
+    const answer = (skip: number): void => {
       const at = DATA + skip - OUT_HEADER_SIZE;
       this.#header(slot.view, at, OUT_HEADER_SIZE + length, 0, req);
       this.#device.write(slot.bytes.subarray(at, at + OUT_HEADER_SIZE + length));
-    }, (e) => this.#fail(req, e));
+    };
+    const direct = slot.bytes.subarray(DATA, DATA + length);
+    if (this.#io.submitAligned(false, offset, direct, (e) => this.#answer(req, e, answer))) {
+      return PENDING;
+    }
+    return this.#io.readInto(slot.bytes.subarray(DATA), offset, length).then(
+      answer,
+      (e) => this.#fail(req, e),
+    );
   }
 
-  #write(req: Request): void | Promise<void> {
+  #write(req: Request): Handled {
     const v = req.slot.view, b = req.body;
     const offset = Number(v.getBigUint64(b + RW_IN.offset, true));
     const length = v.getUint32(b + RW_IN.length, true);
@@ -385,7 +406,22 @@ export class FuseSession {
     const replied = () =>
       this.#reply(req, WRITE_OUT_SIZE, (o, at) => o.setUint32(at, length, true));
     if (length === 0) return replied();
-    return this.#io.write(offset, req.slot.data(length)).then(replied, (e) => this.#fail(req, e));
+    const data = req.slot.data(length);
+    if (this.#io.submitAligned(true, offset, data, (e) => this.#answer(req, e, replied))) {
+      return PENDING;
+    }
+    return this.#io.write(offset, data).then(replied, (e) => this.#fail(req, e));
+  }
+
+  /** Ends a request started in callback form: `reply(0)` on success, else its error. */
+  #answer(req: Request, e: Error | null, reply: (skip: number) => void): void {
+    try {
+      if (e === null) reply(0);
+      else this.#fail(req, e);
+    } catch (err) {
+      this.#replyFailed(req, err);
+    }
+    this.#settled(req.slot);
   }
 
   #replyAttr(req: Request): void {
