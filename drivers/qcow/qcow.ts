@@ -21,7 +21,15 @@ import { sharedPool } from "../../io/buffer_pool.ts";
 import type { Buffers, IoEngine } from "../../io/engine.ts";
 import { createEngine } from "../../io/mod.ts";
 import type { Disk } from "../disk.ts";
-import type { DiskImpl, DiskInfo, DiskOptions, Driver, Extent, OpenContext } from "../driver.ts";
+import type {
+  DiskDone,
+  DiskImpl,
+  DiskInfo,
+  DiskOptions,
+  Driver,
+  Extent,
+  OpenContext,
+} from "../driver.ts";
 import { DiskError, ImageError } from "../errors.ts";
 import { openImageFile } from "../raw.ts";
 import { parseHeader, type QcowHeader } from "./header.ts";
@@ -249,6 +257,46 @@ class QcowDisk implements DiskImpl {
       );
     }
     return out.subarray(0, this.#cs);
+  }
+
+  // ---- the callback form ----
+
+  /**
+   * A request inside one allocated, uncompressed cluster whose L2 table is cached goes straight
+   * to the engine (the ring's and FUSE's common case once an image is written); anything else
+   * takes read() or write().
+   */
+  submit(write: boolean, offset: number, bufs: Buffers, done: DiskDone): void {
+    const host = bufs instanceof Uint8Array ? this.#directHost(offset, bufs.length) : -1;
+    if (host < 0) {
+      (write ? this.write(offset, bufs) : this.read(offset, bufs)).then(() => done(null), done);
+      return;
+    }
+    const length = (bufs as Uint8Array).length;
+    this.#engine.submit(write, this.#file, host, bufs, (got) => {
+      if (typeof got !== "number") return done(got);
+      if (got === length) return done(null);
+      const what = write ? "write" : "read";
+      done(
+        new DiskError(
+          "EIO",
+          `${what} ${this.#path}: short ${what} at ${host} (${got} of ${length})`,
+        ),
+      );
+    });
+  }
+
+  /** Where [offset, offset + length) lies in the file, when it can go there directly; else -1. */
+  #directHost(offset: number, length: number): number {
+    const cs = this.#cs, inOff = offset % cs;
+    if (inOff + length > cs) return -1;
+    const table = this.#table(Math.floor(offset / this.#l1Span));
+    if (table === null || table instanceof Promise) return -1;
+    const entry = table.entry(Math.floor(offset / cs) % this.#l2Entries);
+    if (kindOf(entry) !== Kind.Normal || entry % SECTOR !== 0 || entry + cs > this.#fileSize) {
+      return -1; // (a corrupt entry is reported by the slow path)
+    }
+    return entry + inOff;
   }
 
   // ---- write ----
