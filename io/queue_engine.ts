@@ -405,8 +405,15 @@ export abstract class QueueEngine implements IoEngine {
       queueMicrotask(this.#drainWaiting);
     }
     this.#checkIdle();
-    if (typeof result === "number") resolve(result);
-    else reject(result);
+    try {
+      if (typeof result === "number") resolve(result);
+      else reject(result);
+    } catch (e) {
+      // A submit() callback threw (a bug): reported as uncaught, with the engine consistent.
+      queueMicrotask(() => {
+        throw e;
+      });
+    }
   }
 
   #checkIdle(): void {

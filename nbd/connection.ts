@@ -215,22 +215,20 @@ export class Connection {
       return false;
     }
     this.#begin(length);
-    const fua = (flags & CMD_FLAG.FUA) !== 0;
-    const done = fua
-      ? this.#target.write(offset, data).then(() => this.#target.flush())
-      : this.#target.write(offset, data);
-    done.then(
-      () => {
-        this.#pool.give(buf);
-        this.#ok(cookie);
-        this.#end(length);
-      },
-      (e) => {
-        this.#pool.give(buf);
-        this.#fail(cookie, nbdError(e), (e as Error).message);
-        this.#end(length);
-      },
-    );
+    const written = (e: unknown): void => {
+      this.#pool.give(buf);
+      if (e === null) this.#ok(cookie);
+      else this.#fail(cookie, nbdError(e), (e as Error).message);
+      this.#end(length);
+    };
+    if ((flags & CMD_FLAG.FUA) !== 0) {
+      this.#target.write(offset, data).then(() => this.#target.flush()).then(
+        () => written(null),
+        written,
+      );
+    } else {
+      this.#target.submit(true, offset, data, written);
+    }
     return true;
   }
 
@@ -350,18 +348,16 @@ export class Connection {
       });
       return;
     }
-    this.#target.read(offset, data).then(
-      () => {
+    this.#target.submit(false, offset, data, (e) => {
+      if (e === null) {
         if (structured) this.#writer.data(cookie, offset, data, release);
         else this.#writer.simple(cookie, 0, data, release);
-        this.#end(length);
-      },
-      (e) => {
+      } else {
         release();
-        this.#fail(cookie, nbdError(e), (e as Error).message);
-        this.#end(length);
-      },
-    );
+        this.#fail(cookie, nbdError(e), e.message);
+      }
+      this.#end(length);
+    });
   }
 
   /** The disk's extents covering exactly [offset, end). */

@@ -10,7 +10,7 @@ tapd_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ensure_deno() {
   TAPD_DENO="$tapd_root/toolchain/node_modules/@deno/linux-x64-glibc/deno"
   if [ -x "$TAPD_DENO" ]; then
-    [ -e "$tapd_root/node_modules/.bin/deno" ] || link_deno
+    [ -e "$tapd_root/node_modules/.bin/deno" ] || link_deno || true # a convenience only
     return 0
   fi
   if ! command -v npm >/dev/null 2>&1; then
@@ -26,9 +26,12 @@ ensure_deno() {
   link_deno
 }
 
+# Relative, so that it still points at the binary where the tree is mounted elsewhere (the Xen
+# harness's dom0 sees it read-only at /mnt/repo).
 link_deno() {
-  mkdir -p "$tapd_root/node_modules/.bin" &&
-    ln -sfn "$TAPD_DENO" "$tapd_root/node_modules/.bin/deno"
+  mkdir -p "$tapd_root/node_modules/.bin" 2>/dev/null &&
+    ln -sfn ../../toolchain/node_modules/@deno/linux-x64-glibc/deno \
+      "$tapd_root/node_modules/.bin/deno" 2>/dev/null
 }
 
 # ensure_packages CHECK:PACKAGE ... — CHECK is a shared library soname (lib*.so*), a file path or a

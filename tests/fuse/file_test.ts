@@ -159,7 +159,7 @@ Deno.test({
           "--verify=crc32c",
           "--do_verify=1",
           "--verify_fatal=1",
-        ]);
+        ], { cwd: dir }); // (fio keeps its verify state file in its working directory)
         // Polling stops 200 µs after the last request: an idle second costs next to no CPU.
         await new Promise((r) => setTimeout(r, 200));
         const before = cpuTicks(serve.pid);
