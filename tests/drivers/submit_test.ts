@@ -29,6 +29,35 @@ function submitted(disk: Disk, write: boolean, offset: number, buf: Uint8Array):
   });
 }
 
+/**
+ * One round of concurrent callback requests, one per buffer: buffer i works in its own 1/n of the
+ * disk (so requests in flight together never overlap), writing (1 in `writeOneIn`) random data
+ * recorded in `reference`, or reading and checking against it.
+ */
+function randomRound(
+  disk: Disk,
+  bufs: Uint8Array[],
+  reference: Uint8Array,
+  r: ReturnType<typeof rng>,
+  maxBlocks: number,
+  writeOneIn: number,
+): Promise<unknown> {
+  const region = reference.length / bufs.length;
+  return Promise.all(bufs.map((b, i) => {
+    const length = (1 + r.below(maxBlocks)) * 4096;
+    const at = i * region + r.below((region - length) / 4096 + 1) * 4096;
+    const buf = b.subarray(0, length);
+    if (r.below(writeOneIn) === 0) {
+      r.fill(buf);
+      reference.set(buf, at);
+      return submitted(disk, true, at, buf);
+    }
+    return submitted(disk, false, at, buf).then(() =>
+      assertBytes(buf, reference.subarray(at, at + length), `read at ${at}`)
+    );
+  }));
+}
+
 for (const v of VARIANTS) {
   Deno.test(`submit: ${v.name}: 500 random callback reads and writes match a reference`, async () => {
     await withTempDir(async (dir) => {
@@ -39,24 +68,7 @@ for (const v of VARIANTS) {
       const disk = await openDisk(`${v.type}:${path}`, v.options);
       const bufs = Array.from({ length: 32 }, () => sharedPool.take(64 * 1024));
       try {
-        for (let round = 0; round < 16; round++) {
-          // Slot i owns its 1/32 of the disk, so requests in flight together never overlap.
-          const region = SIZE / bufs.length;
-          const work = bufs.map((b, i) => {
-            const length = (1 + r.below(16)) * 4096;
-            const at = i * region + r.below((region - length) / 4096 + 1) * 4096;
-            const buf = b.subarray(0, length);
-            if (r.below(2) === 0) {
-              r.fill(buf);
-              reference.set(buf, at);
-              return submitted(disk, true, at, buf);
-            }
-            return submitted(disk, false, at, buf).then(() =>
-              assertBytes(buf, reference.subarray(at, at + length), `read at ${at}`)
-            );
-          });
-          await Promise.all(work);
-        }
+        for (let round = 0; round < 16; round++) await randomRound(disk, bufs, reference, r, 16, 2);
         const back = new Uint8Array(SIZE);
         await disk.read(0, back);
         assertBytes(back, reference, "the whole disk");
@@ -112,24 +124,8 @@ Deno.test("submit: qcow: allocated clusters go direct, the rest through read/wri
     const bufs = Array.from({ length: 16 }, () => sharedPool.take(32 * 1024));
     try {
       // First writes allocate (copying the rest of each cluster from the base); later ones,
-      // and reads of written clusters, find them allocated. Some straddle clusters. 16 at once,
-      // each in its own 1/16 of the disk.
-      const region = size / bufs.length;
-      for (let round = 0; round < 40; round++) {
-        await Promise.all(bufs.map((b, i) => {
-          const length = (1 + r.below(8)) * 4096;
-          const at = i * region + r.below((region - length) / 4096 + 1) * 4096;
-          const piece = b.subarray(0, length);
-          if (r.below(3) === 0) {
-            r.fill(piece);
-            reference.set(piece, at);
-            return submitted(disk, true, at, piece);
-          }
-          return submitted(disk, false, at, piece).then(() =>
-            assertBytes(piece, reference.subarray(at, at + length), `read at ${at}`)
-          );
-        }));
-      }
+      // and reads of written clusters, find them allocated. Some straddle clusters.
+      for (let round = 0; round < 40; round++) await randomRound(disk, bufs, reference, r, 8, 3);
     } finally {
       for (const b of bufs) sharedPool.give(b);
       await disk.close();
