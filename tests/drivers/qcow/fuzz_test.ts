@@ -719,6 +719,62 @@ Deno.test({
 });
 
 Deno.test({
+  name: "qcow fuzz: a failed allocating write (its copy-on-write read fails) leaves no " +
+    "unhandled rejection and no claim behind: the cluster can be written again",
+  fn: async () => {
+    const unhandled: unknown[] = [];
+    const onUnhandled = (e: PromiseRejectionEvent) => {
+      e.preventDefault();
+      unhandled.push(e.reason);
+    };
+    globalThis.addEventListener("unhandledrejection", onUnhandled);
+    try {
+      await withTempDir(async (dir) => {
+        const path = `${dir}/bad.qcow`;
+        const bytes = new Uint8Array(20 * KiB);
+        bytes.set(newImageBytes({ size: 4 * MiB })); // 4 KiB clusters, L1 (2 entries) at 48
+        const v = new DataView(bytes.buffer);
+        v.setBigUint64(48, 4096n); // L1[0] -> L2 table at 4096; L1[1] empty
+        // Cluster 0 and 3 compressed but not deflate data; cluster 2 a normal one at 12288.
+        v.setBigUint64(4096, (1n << 63n) | (100n << 51n) | 8192n);
+        v.setBigUint64(4096 + 3 * 8, (1n << 63n) | (100n << 51n) | 8192n);
+        bytes.fill(0xff, 8192, 8192 + 100);
+        v.setBigUint64(4096 + 2 * 8, 12288n);
+        writeFile(path, bytes);
+        const disk = await openDisk(`qcow:${path}`);
+        try {
+          const data = (n: number, fill: number) => new Uint8Array(n).fill(fill);
+          // A partial write of cluster 0 needs its old contents: it fails, twice (no claim left).
+          await assert.rejects(disk.write(512, data(1024, 1)), /does not inflate/);
+          await assert.rejects(disk.write(512, data(1024, 2)), /does not inflate/);
+          // A write over cluster 2 (in place) and into cluster 3 (copy on write) fails whole.
+          await assert.rejects(disk.write(2 * 4096 + 512, data(4096, 3)), /does not inflate/);
+          // Whole clusters need nothing old: they are written, and read back.
+          await disk.write(0, data(4096, 4));
+          await disk.write(3 * 4096, data(4096, 5));
+          await disk.write(2 * MiB + 4096, data(4096, 6)); // a new L2 table
+          await disk.write(512, data(1024, 7)); // now a plain overwrite
+          const got = new Uint8Array(4096);
+          await disk.read(0, got);
+          assertSame(got, new Uint8Array(4096).fill(4).fill(7, 512, 1536), "cluster 0");
+          await disk.read(3 * 4096, got);
+          assertSame(got, data(4096, 5), "cluster 3");
+          await disk.read(2 * MiB + 4096, got);
+          assertSame(got, data(4096, 6), "the cluster in the new table");
+          await disk.flush();
+          await new Promise((resolve) => setTimeout(resolve, 100));
+        } finally {
+          await disk.close();
+        }
+      });
+    } finally {
+      globalThis.removeEventListener("unhandledrejection", onUnhandled);
+    }
+    assert.deepEqual(unhandled.map(String), []);
+  },
+});
+
+Deno.test({
   name: "qcow fuzz: an image that is its own backing file is refused with a short message",
   fn: async () => {
     await withTempDir(async (dir) => {

@@ -1,0 +1,70 @@
+/**
+ * Allocating writes at depth, the way a guest's first copy of a large file arrives: 1 MiB writes
+ * 16 at a time into a fresh image, each one allocating 256 clusters in L2 tables that other
+ * writes are filling at the same moment. The file grows in allocated steps ahead of the writes;
+ * a clean close gives back what was reserved and not used; QEMU reads the same bytes.
+ */
+import assert from "node:assert/strict";
+import { openDisk } from "../../../drivers/mod.ts";
+import { newImageBytes } from "../../../drivers/qcow/header.ts";
+import { rng, withTempDir } from "../../util.ts";
+import { assertMapsAgree, assertQemuSame, MiB, verifyDisk, writeFile } from "./helpers.ts";
+
+const SIZE = 256 * MiB, WRITTEN = 96 * MiB, DEPTH = 16;
+
+for (const clusterBits of [12, 16]) {
+  Deno.test(`qcow growth: ${DEPTH} concurrent 1 MiB allocating writes, clusters of ${2 ** clusterBits} bytes`, async () => {
+    await withTempDir(async (dir) => {
+      const path = `${dir}/img.qcow`;
+      writeFile(
+        path,
+        newImageBytes({ size: SIZE, clusterBits, l2Bits: clusterBits === 12 ? 9 : 13 }),
+      );
+      const ref = new Uint8Array(SIZE);
+      const r = rng(0x6e0 + clusterBits);
+      const disk = await openDisk(`qcow:${path}`);
+      try {
+        // Sequential 1 MiB pieces, plus an odd-sized one at a cluster-unaligned offset after each
+        // 8 MiB (the head and tail clusters are copied on write, the middle comes from the data).
+        let next = 0;
+        const worker = async () => {
+          while (next < WRITTEN) {
+            const offset = next;
+            next += MiB;
+            const data = r.fill(new Uint8Array(MiB));
+            ref.set(data, offset);
+            await disk.write(offset, data);
+            if (offset % (8 * MiB) === 0) {
+              const at = WRITTEN + offset / 8 + 1536, odd = r.fill(new Uint8Array(200 * 1024));
+              ref.set(odd, at);
+              await disk.write(at, odd);
+            }
+          }
+        };
+        await Promise.all(Array.from({ length: DEPTH }, worker));
+        const open = Deno.statSync(path);
+        assert.ok(open.size > WRITTEN, `the file holds the data (${open.size})`);
+        assert.ok(
+          open.blocks! * 512 >= open.size - 2 * MiB,
+          `grown with allocated space, not holes (${open.blocks! * 512} of ${open.size})`,
+        );
+        await verifyDisk(disk, ref, "while open");
+      } finally {
+        await disk.close();
+      }
+      const closed = Deno.statSync(path).size;
+      const tables = Math.ceil(SIZE / 2 ** (clusterBits + (clusterBits === 12 ? 9 : 13)));
+      const most = 64 * 1024 + tables * 2 ** clusterBits * 8 + WRITTEN + 12 * 2 ** 17 + 2 * MiB;
+      assert.ok(closed < most, `close gives back the reserve (${closed} ≥ ${most})`);
+      writeFile(`${dir}/ref.raw`, ref);
+      await assertQemuSame(path, `${dir}/ref.raw`);
+      const again = await openDisk(`qcow:${path}`, { readOnly: true });
+      try {
+        await verifyDisk(again, ref, "after reopening");
+        await assertMapsAgree(again, path);
+      } finally {
+        await again.close();
+      }
+    });
+  });
+}
