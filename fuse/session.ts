@@ -44,6 +44,8 @@ import { PollWindow } from "../io/poll_window.ts";
 const EPERM = 1, ENOENT = 2, EIO = 5, ENXIO = 6, EINVAL = 22, ENOSPC = 28, EROFS = 30;
 const ENOSYS = 38, EPROTO = 71, EOPNOTSUPP = 95;
 const O_ACCMODE = 3;
+/** Request bytes read from /dev/fuse before the engine gets to submit them (see #drain). */
+const DRAIN_BYTES = 256 * 1024;
 const FALLOC_KEEP_SIZE = 0x01, FALLOC_PUNCH_HOLE = 0x02, FALLOC_ZERO_RANGE = 0x10;
 /** How long the kernel may cache the file's attributes (they change only through us). */
 const ATTR_VALID_SECONDS = 3600n;
@@ -148,7 +150,8 @@ export class FuseSession {
           this.#gone = true;
           break;
         }
-        if (state === "full") await this.#slots.freed();
+        if (state === "more") await null; // the engine submits what was read, then read on
+        else if (state === "full") await this.#slots.freed();
         else if (this.#poll?.keepLooking()) await this.#poll.next();
         else await this.#device.readable();
         if (this.#gone) break;
@@ -177,16 +180,24 @@ export class FuseSession {
       this.#drainQueued = false;
       if (this.#gone) return;
       try {
-        if (this.#drain() === "gone") this.#gone = true;
+        const state = this.#drain();
+        if (state === "gone") this.#gone = true;
+        else if (state === "more") this.#drainSoon();
       } catch (e) {
         this.#log.error("reading /dev/fuse failed", { error: (e as Error).message });
       }
     });
   }
 
-  /** Reads and starts every queued request. */
-  #drain(): "empty" | "full" | "gone" {
+  /**
+   * Reads and starts every queued request, or stops ("more") once DRAIN_BYTES have been read:
+   * the engine submits at the end of the turn, and reading a burst of large writes (each a copy
+   * of its data) before any of them reaches the disk leaves the disk idle meanwhile.
+   */
+  #drain(): "empty" | "full" | "gone" | "more" {
+    let bytes = 0;
     for (;;) {
+      if (bytes >= DRAIN_BYTES) return "more";
       const slot = this.#slots.take();
       if (slot === null) return "full";
       let n: number;
@@ -202,6 +213,7 @@ export class FuseSession {
       }
       this.#poll?.touch();
       this.#dispatch(slot, n);
+      bytes += n;
     }
   }
 

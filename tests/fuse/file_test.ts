@@ -172,6 +172,34 @@ Deno.test({
 });
 
 Deno.test({
+  name: "FUSE file: fio's verified O_DIRECT writes of 64 KiB–1 MiB, 32 in flight (bursts read " +
+    "from /dev/fuse in parts, each submitted before the next is read)",
+  ignore: skip !== null,
+  async fn() {
+    await withTempDir(async (dir) => {
+      const img = `${dir}/disk.img`, mp = mountPointFile(`${dir}/disk`);
+      rawImage(img, SIZE);
+      await withFuse(img, mp, async () => {
+        await runOk("fio", [
+          "--name=verify-large",
+          `--filename=${mp}`,
+          "--ioengine=libaio",
+          "--direct=1",
+          "--rw=randwrite",
+          "--bsrange=64k-1m",
+          "--bs_unaligned=0",
+          "--iodepth=32",
+          `--size=${SIZE}`,
+          "--verify=crc32c",
+          "--do_verify=1",
+          "--verify_fatal=1",
+        ], { cwd: dir });
+      });
+    });
+  },
+});
+
+Deno.test({
   name: "FUSE file: size changes are refused, fallocate punches and zeroes, SEEK_DATA/HOLE",
   ignore: skip !== null,
   async fn() {
