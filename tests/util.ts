@@ -136,3 +136,28 @@ export function cpuTicks(pid: number): number {
   const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
   return Number(f[11]) + Number(f[12]); // utime, stime (fields 14 and 15)
 }
+
+/**
+ * Runs `fn`, then fails if any promise rejection went unhandled meanwhile (Deno would otherwise
+ * end the test process on the first one); `settleMs` lets late ones surface before the check.
+ */
+export async function withNoUnhandledRejections(
+  fn: () => Promise<void>,
+  settleMs = 0,
+): Promise<void> {
+  const unhandled: string[] = [];
+  const onUnhandled = (e: PromiseRejectionEvent) => {
+    e.preventDefault();
+    unhandled.push(String(e.reason?.message ?? e.reason));
+  };
+  globalThis.addEventListener("unhandledrejection", onUnhandled);
+  try {
+    await fn();
+    if (settleMs > 0) await new Promise((resolve) => setTimeout(resolve, settleMs));
+  } finally {
+    globalThis.removeEventListener("unhandledrejection", onUnhandled);
+  }
+  if (unhandled.length > 0) {
+    throw new Error(`unhandled promise rejections: ${JSON.stringify(unhandled)}`);
+  }
+}

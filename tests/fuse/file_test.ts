@@ -139,64 +139,54 @@ Deno.test({
   },
 });
 
+/** A raw image of SIZE bytes in a temporary directory, served on a FUSE file there. */
+function withServedRaw(
+  fn: (dir: string, file: string, serve: FuseServe) => Promise<unknown>,
+  extra: string[] = [],
+): Promise<void> {
+  return withTempDir(async (dir) => {
+    const img = `${dir}/disk.img`, mp = mountPointFile(`${dir}/disk`);
+    rawImage(img, SIZE);
+    await withFuse(img, mp, (serve) => fn(dir, mp, serve), { extra });
+  });
+}
+
+/** fio's random O_DIRECT writes at depth 32 on `file`, then every block verified. */
+function fioVerify(dir: string, file: string, sizes: string[]): Promise<unknown> {
+  return runOk("fio", [
+    "--name=verify",
+    `--filename=${file}`,
+    "--ioengine=libaio",
+    "--direct=1",
+    "--rw=randwrite",
+    "--iodepth=32",
+    ...sizes,
+    "--verify=crc32c",
+    "--do_verify=1",
+    "--verify_fatal=1",
+  ], { cwd: dir }); // (fio keeps its verify state file in its working directory)
+}
+
 Deno.test({
   name: "FUSE file, tapd serve --poll-us 200: fio's verified random O_DIRECT I/O, then idle",
   ignore: skip !== null,
-  async fn() {
-    await withTempDir(async (dir) => {
-      const img = `${dir}/disk.img`, mp = mountPointFile(`${dir}/disk`);
-      rawImage(img, SIZE);
-      await withFuse(img, mp, async (serve) => {
-        await runOk("fio", [
-          "--name=verify",
-          `--filename=${mp}`,
-          "--ioengine=libaio",
-          "--direct=1",
-          "--rw=randwrite",
-          "--bs=4k",
-          "--iodepth=32",
-          `--size=${16 * MiB}`,
-          "--verify=crc32c",
-          "--do_verify=1",
-          "--verify_fatal=1",
-        ], { cwd: dir }); // (fio keeps its verify state file in its working directory)
-        // Polling stops 200 µs after the last request: an idle second costs next to no CPU.
-        await new Promise((r) => setTimeout(r, 200));
-        const before = cpuTicks(serve.pid);
-        await new Promise((r) => setTimeout(r, 1000));
-        const used = cpuTicks(serve.pid) - before;
-        assert.ok(used < 10, `an idle tapd serve --poll-us 200 used ${used} ticks in 1 s`);
-      }, { extra: ["--poll-us", "200"] });
-    });
-  },
+  fn: () =>
+    withServedRaw(async (dir, mp, serve) => {
+      await fioVerify(dir, mp, ["--bs=4k", `--size=${16 * MiB}`]);
+      // Polling stops 200 µs after the last request: an idle second costs next to no CPU.
+      await new Promise((r) => setTimeout(r, 200));
+      const before = cpuTicks(serve.pid);
+      await new Promise((r) => setTimeout(r, 1000));
+      const used = cpuTicks(serve.pid) - before;
+      assert.ok(used < 10, `an idle tapd serve --poll-us 200 used ${used} ticks in 1 s`);
+    }, ["--poll-us", "200"]),
 });
 
 Deno.test({
   name: "FUSE file: fio's verified O_DIRECT writes of 64 KiB–1 MiB, 32 in flight (bursts read " +
     "from /dev/fuse in parts, each submitted before the next is read)",
   ignore: skip !== null,
-  async fn() {
-    await withTempDir(async (dir) => {
-      const img = `${dir}/disk.img`, mp = mountPointFile(`${dir}/disk`);
-      rawImage(img, SIZE);
-      await withFuse(img, mp, async () => {
-        await runOk("fio", [
-          "--name=verify-large",
-          `--filename=${mp}`,
-          "--ioengine=libaio",
-          "--direct=1",
-          "--rw=randwrite",
-          "--bsrange=64k-1m",
-          "--bs_unaligned=0",
-          "--iodepth=32",
-          `--size=${SIZE}`,
-          "--verify=crc32c",
-          "--do_verify=1",
-          "--verify_fatal=1",
-        ], { cwd: dir });
-      });
-    });
-  },
+  fn: () => withServedRaw((dir, mp) => fioVerify(dir, mp, ["--bsrange=64k-1m", `--size=${SIZE}`])),
 });
 
 Deno.test({

@@ -13,7 +13,7 @@ import { newImageBytes, parseHeader, QCOW_MAGIC, XEN_MAGIC } from "../../../driv
 import { SysError } from "../../../ffi/errno.ts";
 import { sharedPool } from "../../../io/buffer_pool.ts";
 import type { EngineKind } from "../../../io/engine.ts";
-import { type Rng, rng, withTempDir } from "../../util.ts";
+import { type Rng, rng, withNoUnhandledRejections, withTempDir } from "../../util.ts";
 import {
   assertSame,
   KiB,
@@ -576,14 +576,8 @@ async function runCase(
 }
 
 Deno.test("qcow fuzz: hundreds of damaged images are refused cleanly or survive use", async () => {
-  const unhandled: string[] = [];
-  const onUnhandled = (e: PromiseRejectionEvent) => {
-    e.preventDefault();
-    unhandled.push(String(e.reason?.message ?? e.reason));
-  };
-  globalThis.addEventListener("unhandledrejection", onUnhandled);
-  try {
-    await withTempDir(async (dir) => {
+  await withNoUnhandledRejections(() =>
+    withTempDir(async (dir) => {
       const bases = await makeBases(dir);
       // The valid images read right.
       for (const b of bases) {
@@ -614,11 +608,8 @@ Deno.test("qcow fuzz: hundreds of damaged images are refused cleanly or survive 
       assert.deepEqual(failures, [], `${failures.length} of ${cases.length} cases failed`);
       assert.ok(tally.refused > 100 && tally.opened > 100, JSON.stringify(tally));
       assert.ok(tally.ioErrors > 20, `only ${tally.ioErrors} requests failed`);
-    });
-  } finally {
-    globalThis.removeEventListener("unhandledrejection", onUnhandled);
-  }
-  assert.deepEqual(unhandled, [], "unhandled promise rejections");
+    })
+  );
 });
 
 Deno.test("qcow fuzz: a pre-2008 Xen image (little-endian L1) is refused, saying so", async () => {
@@ -673,23 +664,25 @@ Deno.test("qcow fuzz: an encrypted image (crypt_method 1) is refused, saying so"
   });
 });
 
+/**
+ * A 20 KiB image by hand, to be filled in: a 4 MiB disk of 4 KiB clusters, its L1 table (2
+ * entries) at 48, L1[0] pointing at an L2 table at 4096.
+ */
+function handMade(dir: string): { path: string; bytes: Uint8Array; v: DataView } {
+  const bytes = new Uint8Array(20 * KiB);
+  bytes.set(newImageBytes({ size: 4 * MiB }));
+  const v = new DataView(bytes.buffer);
+  v.setBigUint64(48, 4096n);
+  return { path: `${dir}/bad.qcow`, bytes, v };
+}
+
 Deno.test({
   name: "qcow fuzz: a failed read leaves no unhandled promise rejection (a bad compressed " +
     "cluster failing while the read still walks its clusters)",
-  fn: async () => {
-    const unhandled: unknown[] = [];
-    const onUnhandled = (e: PromiseRejectionEvent) => {
-      e.preventDefault();
-      unhandled.push(e.reason);
-    };
-    globalThis.addEventListener("unhandledrejection", onUnhandled);
-    try {
-      await withTempDir(async (dir) => {
-        const path = `${dir}/bad.qcow`;
-        const bytes = new Uint8Array(20 * KiB);
-        bytes.set(newImageBytes({ size: 4 * MiB })); // 4 KiB clusters, L1 (2 entries) at 48
-        const v = new DataView(bytes.buffer);
-        v.setBigUint64(48, 4096n); // L1[0] -> L2 table at 4096
+  fn: () =>
+    withNoUnhandledRejections(() =>
+      withTempDir(async (dir) => {
+        const { path, bytes, v } = handMade(dir);
         v.setBigUint64(56, 12288n); // L1[1] -> L2 table at 12288 (empty)
         // 1. cluster 0 compressed but not deflate data, cluster 1 far past the end of the file
         v.setBigUint64(4096, (1n << 63n) | (100n << 51n) | 8192n);
@@ -710,31 +703,17 @@ Deno.test({
         } finally {
           await disk.close();
         }
-      });
-    } finally {
-      globalThis.removeEventListener("unhandledrejection", onUnhandled);
-    }
-    assert.deepEqual(unhandled.map(String), []);
-  },
+      })
+    ),
 });
 
 Deno.test({
   name: "qcow fuzz: a failed allocating write (its copy-on-write read fails) leaves no " +
     "unhandled rejection and no claim behind: the cluster can be written again",
-  fn: async () => {
-    const unhandled: unknown[] = [];
-    const onUnhandled = (e: PromiseRejectionEvent) => {
-      e.preventDefault();
-      unhandled.push(e.reason);
-    };
-    globalThis.addEventListener("unhandledrejection", onUnhandled);
-    try {
-      await withTempDir(async (dir) => {
-        const path = `${dir}/bad.qcow`;
-        const bytes = new Uint8Array(20 * KiB);
-        bytes.set(newImageBytes({ size: 4 * MiB })); // 4 KiB clusters, L1 (2 entries) at 48
-        const v = new DataView(bytes.buffer);
-        v.setBigUint64(48, 4096n); // L1[0] -> L2 table at 4096; L1[1] empty
+  fn: () =>
+    withNoUnhandledRejections(() =>
+      withTempDir(async (dir) => {
+        const { path, bytes, v } = handMade(dir); // L1[1] empty
         // Cluster 0 and 3 compressed but not deflate data; cluster 2 a normal one at 12288.
         v.setBigUint64(4096, (1n << 63n) | (100n << 51n) | 8192n);
         v.setBigUint64(4096 + 3 * 8, (1n << 63n) | (100n << 51n) | 8192n);
@@ -766,12 +745,8 @@ Deno.test({
         } finally {
           await disk.close();
         }
-      });
-    } finally {
-      globalThis.removeEventListener("unhandledrejection", onUnhandled);
-    }
-    assert.deepEqual(unhandled.map(String), []);
-  },
+      })
+    ),
 });
 
 Deno.test({
