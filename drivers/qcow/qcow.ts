@@ -285,9 +285,9 @@ class QcowDisk implements DiskImpl {
   // ---- the callback form ----
 
   /**
-   * A request inside one allocated, uncompressed cluster whose L2 table is cached goes straight
-   * to the engine (the ring's and FUSE's common case once an image is written); anything else
-   * takes read() or write().
+   * A request over allocated, uncompressed clusters that follow each other in the file, with
+   * their L2 table cached, goes straight to the engine (the ring's and FUSE's common case once an
+   * image is written); anything else takes read() or write().
    */
   submit(write: boolean, offset: number, bufs: Buffers, done: DiskDone): void {
     const host = bufs instanceof Uint8Array ? this.#directHost(offset, bufs.length) : -1;
@@ -309,17 +309,25 @@ class QcowDisk implements DiskImpl {
     });
   }
 
-  /** Where [offset, offset + length) lies in the file, when it can go there directly; else -1. */
+  /**
+   * Where [offset, offset + length) lies in the file, when it can go there directly: inside one
+   * L2 table's range, every cluster allocated and each following the one before in the file (a
+   * range written by one request is, and so is an image made by img2qcow or convert); else -1.
+   */
   #directHost(offset: number, length: number): number {
-    const cs = this.#cs, inOff = offset % cs;
-    if (inOff + length > cs) return -1;
-    const table = this.#table(Math.floor(offset / this.#l1Span));
+    const cs = this.#cs, l1i = Math.floor(offset / this.#l1Span);
+    if (length === 0 || Math.floor((offset + length - 1) / this.#l1Span) !== l1i) return -1;
+    const table = this.#table(l1i);
     if (table === null || table instanceof Promise) return -1;
-    const entry = table.entry(Math.floor(offset / cs) % this.#l2Entries);
-    if (kindOf(entry) !== Kind.Normal || entry % SECTOR !== 0 || entry + cs > this.#fileSize) {
-      return -1; // (a corrupt entry is reported by the slow path)
+    const first = Math.floor(offset / cs), last = Math.floor((offset + length - 1) / cs);
+    const start = table.entry(first % this.#l2Entries);
+    for (let c = first, expect = start; c <= last; c++, expect += cs) {
+      const entry = c === first ? start : table.entry(c % this.#l2Entries);
+      if (entry !== expect || kindOf(entry) !== Kind.Normal || entry % SECTOR !== 0) return -1;
     }
-    return entry + inOff;
+    // (a corrupt entry is reported by the slow path)
+    if (start + (last - first + 1) * cs > this.#fileSize) return -1;
+    return start + offset % cs;
   }
 
   // ---- write ----

@@ -140,3 +140,52 @@ Deno.test("submit: qcow: allocated clusters go direct, the rest through read/wri
     }
   });
 });
+
+Deno.test("submit: qcow: requests over several clusters, contiguous in the file or not, across an L2 table's end", async () => {
+  await withTempDir(async (dir) => {
+    const path = `${dir}/s.qcow`;
+    const made = await new Deno.Command("qemu-img", {
+      args: ["create", "-q", "-f", "qcow", path, "4M"], // 4 KiB clusters, 2 MiB per L2 table
+    }).output();
+    assert.ok(made.success, new TextDecoder().decode(made.stderr));
+    const reference = new Uint8Array(SIZE), r = rng(0x5eed);
+    const disk = await openDisk(`qcow:${path}`);
+    const buf = sharedPool.take(256 * 1024);
+    try {
+      const write = async (at: number, length: number) => {
+        const data = r.fill(new Uint8Array(length));
+        reference.set(data, at);
+        await disk.write(at, data);
+      };
+      await write(0, 64 * 1024); // one run in the file
+      for (let c = 31; c >= 16; c--) await write(c * 4096, 4096); // backwards: no run
+      await write(2 * MiB - 32 * 1024, 64 * 1024); // across the first table's end
+      await write(40 * 4096, 8 * 4096);
+      await write(44 * 4096, 4096); // a hole in a run: 44 now follows 47 in the file
+      const cases: [number, number][] = [
+        [0, 64 * 1024],
+        [4096 + 512, 20 * 1024],
+        [16 * 4096, 16 * 4096],
+        [12 * 4096, 12 * 4096],
+        [2 * MiB - 32 * 1024, 64 * 1024],
+        [2 * MiB - 8192, 4096],
+        [40 * 4096, 8 * 4096],
+        [100 * 4096, 256 * 1024], // nothing allocated
+      ];
+      for (const [at, length] of cases) {
+        const target = buf.subarray(0, length);
+        await submitted(disk, false, at, target);
+        assertBytes(target, reference.subarray(at, at + length), `read at ${at}+${length}`);
+        r.fill(target);
+        reference.set(target, at);
+        await submitted(disk, true, at, target);
+      }
+      const back = new Uint8Array(SIZE);
+      await disk.read(0, back);
+      assertBytes(back, reference, "the whole disk");
+    } finally {
+      sharedPool.give(buf);
+      await disk.close();
+    }
+  });
+});
