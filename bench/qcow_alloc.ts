@@ -8,7 +8,7 @@
  *   deno run -A bench/qcow_alloc.ts [--seconds 3] [--rounds 3]
  */
 import { parseArgs } from "node:util";
-import { median, ROOT, run } from "./common.ts";
+import { median, ROOT, run, tapdIops, type Workload } from "./common.ts";
 
 const { values } = parseArgs({
   options: {
@@ -20,19 +20,24 @@ const seconds = Number(values.seconds), rounds = Number(values.rounds);
 const dir = await Deno.makeTempDir({ dir: "/var/tmp", prefix: "tapd-qcow-alloc-" });
 const SIZE_MIB = 8192;
 
-interface Load {
-  name: string;
-  bs: string;
+interface Load extends Workload {
   bytes: number;
-  qd: number;
   /** Requests for qemu-img bench (it runs a count, not a time): about the same seconds. */
   count: { qcow2: number; qcow: number };
 }
 
 const LOADS: Load[] = [
-  { name: "seq write 1M QD16", bs: "1M", bytes: 2 ** 20, qd: 16, count: { qcow2: 2048, qcow: 48 } },
+  {
+    name: "seq write 1M QD16",
+    rw: "write",
+    bs: "1M",
+    bytes: 2 ** 20,
+    qd: 16,
+    count: { qcow2: 2048, qcow: 48 },
+  },
   {
     name: "seq write 4k QD64",
+    rw: "write",
     bs: "4k",
     bytes: 4096,
     qd: 64,
@@ -51,19 +56,6 @@ async function fresh(kind: "qcow" | "qcow2" | "raw"): Promise<string> {
     await run("qemu-img", ["create", "-q", "-f", "qcow2", path, `${SIZE_MIB}M`]);
   } else await run("truncate", ["-s", `${SIZE_MIB}M`, path]);
   return path;
-}
-
-async function tapd(spec: string, w: Load): Promise<number> {
-  const out = await run(`${ROOT}tapd`, [
-    "bench",
-    spec,
-    "--rw=write",
-    `--bs=${w.bs}`,
-    `--qd=${w.qd}`,
-    `--seconds=${seconds}`,
-    "--json",
-  ]);
-  return JSON.parse(out).iops;
 }
 
 async function qemu(format: "qcow" | "qcow2", path: string, w: Load): Promise<number> {
@@ -93,13 +85,13 @@ async function qemu(format: "qcow" | "qcow2", path: string, w: Load): Promise<nu
 async function measure(row: Row, w: Load): Promise<number> {
   switch (row) {
     case "tapd qcow":
-      return tapd(`tap:qcow:${await fresh("qcow")}`, w);
+      return tapdIops(`tap:qcow:${await fresh("qcow")}`, w, seconds);
     case "qemu qcow":
       return qemu("qcow", await fresh("qcow"), w);
     case "qemu qcow2":
       return qemu("qcow2", await fresh("qcow2"), w);
     case "tapd raw (sparse)":
-      return tapd(`tap:aio:${await fresh("raw")}`, w);
+      return tapdIops(`tap:aio:${await fresh("raw")}`, w, seconds);
   }
 }
 

@@ -428,6 +428,8 @@ class QcowDisk implements DiskImpl {
     const direct: Promise<void>[] = [];
     const fresh: number[] = []; // pairs: l2 index, position of the cluster's data in `src` or -1
     const partial: { k: number; start: number; entry: number }[] = [];
+    const claimed: number[] = [], buffers: Uint8Array<ArrayBuffer>[] = [];
+    let release = () => {};
     try {
       for (let pos = offset; pos < end;) {
         const inOff = pos % cs, len = Math.min(cs - inOff, end - pos);
@@ -446,21 +448,13 @@ class QcowDisk implements DiskImpl {
         }
         pos += len;
       }
-    } catch (e) {
-      await Promise.allSettled(direct);
-      throw e;
-    }
-    if (fresh.length === 0) return settleAll(direct);
-    let release = () => {};
-    const claim = new Promise<void>((resolve) => release = resolve);
-    const claimed: number[] = [];
-    for (let k = 0; k < fresh.length; k += 2) {
-      const c = l1i * this.#l2Entries + fresh[k];
-      this.#claims.set(c, claim);
-      claimed.push(c);
-    }
-    const buffers: Uint8Array<ArrayBuffer>[] = [];
-    try {
+      if (fresh.length === 0) return await settleAll(direct);
+      const claim = new Promise<void>((resolve) => release = resolve);
+      for (let k = 0; k < fresh.length; k += 2) {
+        const c = l1i * this.#l2Entries + fresh[k];
+        this.#claims.set(c, claim);
+        claimed.push(c);
+      }
       const tableReady = table ?? this.#tableToFill(l1i);
       // Awaited below, unless this write fails first: no unhandled rejection either way.
       if (tableReady instanceof Promise) tableReady.catch(() => {});
