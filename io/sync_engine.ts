@@ -52,15 +52,16 @@ export class SyncEngine implements IoEngine {
 
   async #run<T>(fn: () => Promise<T>): Promise<T> {
     if (this.#closed !== null) throw new Error("The sync engine is closed");
+    // A finishing request hands its slot straight to the next one waiting, so the count never
+    // drops to zero (and close() never resolves) while a woken request has yet to start.
     if (this.#running >= this.#limit) await new Promise<void>((go) => this.#queue.push(go));
-    this.#running++;
+    else this.#running++;
     try {
       return await fn();
     } finally {
-      this.#running--;
       const next = this.#queue.shift();
       if (next !== undefined) next();
-      else if (this.#running === 0 && this.#idle !== null) this.#idle();
+      else if (--this.#running === 0 && this.#idle !== null) this.#idle();
     }
   }
 
