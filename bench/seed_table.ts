@@ -10,7 +10,10 @@
  *   qsd fuse         … over `qemu-storage-daemon --export type=fuse` of the raw file
  *
  * A peer that fails is shown as failed, with what failed. Run as root:
- *   deno task bench:seed [--quick] [--json] [--dir DIR] [--only NAME,NAME]
+ *   deno task bench:seed [--quick] [--rounds N] [--json] [--dir DIR] [--only NAME,NAME]
+ *
+ * With --rounds N every configuration runs N times, each round in a rotated order, and each cell
+ * shows the median, the median ratio to the same round's native figure and that ratio's range.
  */
 import { parseArgs } from "node:util";
 import { ROOT } from "./common.ts";
@@ -21,6 +24,7 @@ const { values: opts } = parseArgs({
     json: { type: "boolean", default: false },
     dir: { type: "string", default: "/var/tmp" },
     only: { type: "string" },
+    rounds: { type: "string", default: "1" },
   },
 });
 
@@ -440,17 +444,48 @@ async function measureOnce(kind: Kind, work: string, raw: string, direct: boolea
 
 // ---- output ----
 
-function ratio(v: number | null | undefined, base: number | null | undefined): string {
-  if (v === null || v === undefined || base === null || base === undefined || base === 0) {
-    return "";
-  }
-  return ` (${(v / base).toFixed(2)}×)`;
+/** One configuration over every round: its rows, in round order. */
+interface Series {
+  name: string;
+  rounds: Row[];
 }
 
-function cell(v: number | null | undefined, base: number | null | undefined): string {
-  if (v === undefined) return "-";
-  if (v === null) return "+++++";
-  return `${Math.round(v).toLocaleString("en-US")}${ratio(v, base)}`;
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 === 1 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+
+/**
+ * A cell: the median of the rounds' values and the median of their ratios to the same round's
+ * native figure, with the ratios' range when there was more than one round.
+ */
+function cell(
+  values: (number | null | undefined)[],
+  /** The same round's native figures; null for native's own row. */
+  bases: (number | null | undefined)[] | null,
+): string {
+  const measured = values.filter((v) => v !== undefined);
+  if (measured.length === 0) return "-";
+  const nums = measured.filter((v): v is number => v !== null);
+  if (nums.length * 2 <= measured.length) return "+++++"; // bonnie++: too fast to measure
+  const mid = median(nums);
+  let out = Math.round(mid).toLocaleString("en-US");
+  if (bases === null) { // native: how far its rounds spread around their median
+    const spread = Math.max(...nums.map((v) => Math.abs(v / mid - 1)));
+    return nums.length > 1 ? `${out} (±${Math.round(spread * 100)}%)` : `${out} (1.00×)`;
+  }
+  const ratios: number[] = [];
+  values.forEach((v, i) => {
+    const b = bases[i];
+    if (typeof v === "number" && typeof b === "number" && b > 0) ratios.push(v / b);
+  });
+  if (ratios.length === 0) return out;
+  out += ` (${median(ratios).toFixed(2)}×`;
+  if (ratios.length > 1) {
+    out += `, ${Math.min(...ratios).toFixed(2)}–${Math.max(...ratios).toFixed(2)}`;
+  }
+  return out + ")";
 }
 
 function table(head: string[], rows: string[][]): string {
@@ -467,43 +502,85 @@ function failed(r: Row): string {
   return `failed: ${e.length > 70 ? e.slice(0, 67) + "…" : e}`;
 }
 
-function label(r: Row): string {
-  return r.name + (r.loopDirectIo === false ? " (buffered loop)" : "");
+function label(s: Series): string {
+  return s.name + (s.rounds.some((r) => r.loopDirectIo === false) ? " (buffered loop)" : "");
 }
 
-function notes(rows: Row[]): string[] {
+/** What failed or fell back, once per configuration and message, with the rounds it happened in. */
+function notes(series: Series[]): string[] {
   const out: string[] = [];
-  for (const r of rows) {
-    if (r.error !== undefined) out.push(`- ${r.name} failed at ${r.error}`);
-    if (r.note !== undefined) out.push(`- ${r.name} ran on a buffered loop device; ${r.note}`);
+  for (const s of series) {
+    const seen = new Map<string, number[]>();
+    s.rounds.forEach((r, i) => {
+      const texts = [
+        r.error === undefined ? undefined : `failed at ${r.error}`,
+        r.note === undefined ? undefined : `ran on a buffered loop device; ${r.note}`,
+      ];
+      for (const t of texts) if (t !== undefined) seen.set(t, [...(seen.get(t) ?? []), i + 1]);
+    });
+    for (const [text, when] of seen) {
+      const rounds = s.rounds.length === 1
+        ? ""
+        : when.length === s.rounds.length
+        ? " (every round)"
+        : ` (round${when.length > 1 ? "s" : ""} ${when.join(", ")})`;
+      out.push(`- ${s.name}${rounds} ${text}`);
+    }
   }
   return out.length > 0 ? ["", ...out] : [];
 }
 
-function render(rows: Row[]): string {
-  const native = rows.find((r) => r.name === "native" && r.error === undefined);
-  const bonnieRows = rows.map((r) =>
-    r.error !== undefined ? [r.name, failed(r)] : [
-      label(r),
-      ...BONNIE_COLUMNS.map(([k]) => cell(r.bonnie?.[k], native?.bonnie?.[k])),
-    ]
+function render(series: Series[], rounds: number): string {
+  const native = series.find((s) => s.name === "native");
+  /** Native's rows by round, undefined where native failed. */
+  const base = (i: number): Row | undefined => {
+    const r = native?.rounds[i];
+    return r?.error === undefined ? r : undefined;
+  };
+  const rowsOf = (s: Series, cells: (ok: Row[], idx: number[]) => string[]): string[] => {
+    const ok = s.rounds.filter((r) => r.error === undefined);
+    if (ok.length === 0) return [s.name, failed(s.rounds[s.rounds.length - 1])];
+    const idx = s.rounds.flatMap((r, i) => (r.error === undefined ? [i] : []));
+    return [label(s), ...cells(ok, idx)];
+  };
+  /** One column of one configuration: native's own spread, or ratios to native by round. */
+  const column = (
+    s: Series,
+    ok: Row[],
+    idx: number[],
+    pick: (r: Row) => number | null | undefined,
+  ): string => {
+    const values = ok.map(pick);
+    if (s === native) return cell(values, null);
+    return cell(
+      values,
+      idx.map((i) => {
+        const b = base(i);
+        return b === undefined ? undefined : pick(b);
+      }),
+    );
+  };
+  const bonnieRows = series.map((s) =>
+    rowsOf(s, (ok, idx) => BONNIE_COLUMNS.map(([k]) => column(s, ok, idx, (r) => r.bonnie?.[k])))
   );
-  const fioRows = rows.map((r) =>
-    r.error !== undefined ? [r.name, failed(r)] : [
-      label(r),
-      ...FIO_JOBS.map((j) => cell(r.fio?.[j.name], native?.fio?.[j.name])),
-    ]
+  const fioRows = series.map((s) =>
+    rowsOf(s, (ok, idx) => FIO_JOBS.map((j) => column(s, ok, idx, (r) => r.fio?.[j.name])))
   );
-  const cg = rows.some((r) => r.cgroup) ? `, in a ${P.cgroupMiB} MiB memory cgroup` : "";
+  const cg = series.some((s) => s.rounds.some((r) => r.cgroup))
+    ? `, in a ${P.cgroupMiB} MiB memory cgroup`
+    : "";
+  const how = rounds > 1
+    ? `median of ${rounds} rounds; native: how far its rounds spread; the others: the median of their ratios to the same round's native, and the ratios' range`
+    : "ratio to native";
   return [
-    `bonnie++ -s ${P.bonnieS} -r ${P.bonnieR} -n 0${cg} (K/sec; seeks /sec; ratio to native):`,
+    `bonnie++ -s ${P.bonnieS} -r ${P.bonnieR} -n 0${cg} (K/sec; seeks /sec; ${how}):`,
     "",
     table(["", ...BONNIE_COLUMNS.map(([, h]) => h)], bonnieRows),
     "",
-    `fio --direct=1 --ioengine=libaio, ${P.fioMiB} MiB file, ${P.fioSeconds} s each (IOPS; ratio to native):`,
+    `fio --direct=1 --ioengine=libaio, ${P.fioMiB} MiB file, ${P.fioSeconds} s each (IOPS; ${how}):`,
     "",
     table(["", ...FIO_JOBS.map((j) => j.name)], fioRows),
-    ...notes(rows),
+    ...notes(series),
   ].join("\n");
 }
 
@@ -513,24 +590,42 @@ if (Deno.uid() !== 0) {
   console.error("seed_table: needs root (loop devices, mounts, cgroups)");
   Deno.exit(1);
 }
+const rounds = Number(opts.rounds);
+if (!Number.isInteger(rounds) || rounds < 1) {
+  console.error(`seed_table: --rounds wants a whole number of rounds, not "${opts.rounds}"`);
+  Deno.exit(2);
+}
 const only = opts.only?.split(",").map((s) => s.trim());
+const kinds = KINDS.filter((k) =>
+  only === undefined || only.includes(k.name) || k.name === "native"
+);
+const series: Series[] = kinds.map((k) => ({ name: k.name, rounds: [] }));
 const work = Deno.makeTempDirSync({ dir: opts.dir, prefix: "tapd-seed-" });
-const rows: Row[] = [];
 try {
   const raw = `${work}/disk.raw`;
-  for (const kind of KINDS) {
-    if (only !== undefined && !only.includes(kind.name) && kind.name !== "native") continue;
-    log(`${kind.name}: setting up`);
-    rows.push(await measure(kind, work, raw));
+  for (let round = 0; round < rounds; round++) {
+    // Each round starts one configuration later, so none always runs first (or right after
+    // another one's writes).
+    for (let k = 0; k < kinds.length; k++) {
+      const i = (k + round) % kinds.length;
+      const when = rounds > 1 ? ` (round ${round + 1} of ${rounds})` : "";
+      log(`${kinds[i].name}: setting up${when}`);
+      series[i].rounds.push(await measure(kinds[i], work, raw));
+    }
   }
 } finally {
   Deno.removeSync(work, { recursive: true });
 }
 if (opts.json) {
   console.log(
-    JSON.stringify({ quick: QUICK, parameters: P, date: new Date().toISOString(), rows }, null, 2),
+    JSON.stringify(
+      { quick: QUICK, parameters: P, rounds, date: new Date().toISOString(), series },
+      null,
+      2,
+    ),
   );
 } else {
-  console.log(`Seed table (${QUICK ? "--quick" : "full"}; ${new Date().toISOString()})\n`);
-  console.log(render(rows));
+  const what = `${QUICK ? "--quick" : "full"}${rounds > 1 ? `, ${rounds} rounds` : ""}`;
+  console.log(`Seed table (${what}; ${new Date().toISOString()})\n`);
+  console.log(render(series, rounds));
 }
