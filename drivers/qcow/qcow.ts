@@ -14,7 +14,11 @@
  *   (8–64 MiB) and the next one starts in the background when half of the current one is used;
  * - a new cluster's data is written before the L2 entry that points at it, and a new L2 table
  *   (zeroed) before the L1 entry that points at it; a crash in between leaves an unreferenced
- *   cluster. A write is acknowledged only when its entries are written;
+ *   cluster. The exception: when what the new clusters replace reads as zeros (no backing image,
+ *   no compressed cluster), their data and their entries are written at once, since new space
+ *   reads as zeros until its data lands (space is only ever taken past the end, grown as
+ *   unwritten extents or holes): a crash shows the old zeros or the new data, as for any write
+ *   in flight. A write is acknowledged only when its data and its entries are written;
  * - `flush` waits for the table writes in flight, then fdatasyncs.
  * New space is taken at the cluster-aligned end of the file, as QEMU does; a clean close trims
  * the file to what is used.
@@ -429,6 +433,7 @@ class QcowDisk implements DiskImpl {
     const fresh: number[] = []; // pairs: l2 index, position of the cluster's data in `src` or -1
     const partial: { k: number; start: number; entry: number }[] = [];
     const claimed: number[] = [], buffers: Uint8Array<ArrayBuffer>[] = [];
+    let replacesData = this.#backing !== null; // else the new clusters replace zeros
     let release = () => {};
     try {
       for (let pos = offset; pos < end;) {
@@ -444,6 +449,7 @@ class QcowDisk implements DiskImpl {
           );
         } else {
           if (len < cs) partial.push({ k: fresh.length / 2, start: pos - inOff, entry });
+          if (entry !== 0) replacesData = true; // a compressed cluster
           fresh.push(l2i, len === cs ? pos - offset : -1);
         }
         pos += len;
@@ -490,14 +496,22 @@ class QcowDisk implements DiskImpl {
         if (at < 0) segments.push(cow.get(k)!);
         else runFrom = at, runTo = at + cs;
       }
-      await settleAll([
-        ...direct,
-        this.#writeExactly(base, segments.length === 1 ? segments[0] : segments),
-      ]);
-      const target = tableReady instanceof Promise ? await tableReady : tableReady;
+      const data = this.#writeExactly(base, segments.length === 1 ? segments[0] : segments);
       const pairs: number[] = [];
       for (let k = 0; k < count; k++) pairs.push(fresh[k * 2] * 8, base + k * cs);
-      await this.#commitsFor(target).set(pairs);
+      const commit = async (): Promise<void> => {
+        const target = tableReady instanceof Promise ? await tableReady : tableReady;
+        await this.#commitsFor(target).set(pairs);
+      };
+      if (replacesData) {
+        // The entries may not point at the new clusters before their data is there.
+        await settleAll([...direct, data]);
+        await commit();
+      } else {
+        // What the clusters replace reads as zeros, and so does new space until its data lands
+        // (allocated unwritten, or a hole): the entries can be written alongside the data.
+        await settleAll([...direct, data, commit()]);
+      }
     } catch (e) {
       await Promise.allSettled(direct); // nothing of this request may still be running
       throw e;
