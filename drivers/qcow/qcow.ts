@@ -464,6 +464,7 @@ class QcowDisk implements DiskImpl {
       const tableReady = table ?? this.#tableToFill(l1i);
       // Awaited below, unless this write fails first: no unhandled rejection either way.
       if (tableReady instanceof Promise) tableReady.catch(() => {});
+      this.#prepareNextTable(l1i, fresh[fresh.length - 2]);
       // What a partly written new cluster does not get from `src` comes from what it read as
       // (the backing image, zeros, or the old compressed data).
       const cow = new Map<number, Uint8Array>();
@@ -520,6 +521,18 @@ class QcowDisk implements DiskImpl {
       release();
       for (const b of buffers) sharedPool.give(b);
     }
+  }
+
+  /**
+   * A write into the last quarter of a table's range has the next table made now, if there is
+   * none yet: a writer going through the disk in order then finds it ready instead of waiting for
+   * its creation (a table write, then L1's group commit) every table's worth of data.
+   */
+  #prepareNextTable(l1i: number, l2i: number): void {
+    const next = l1i + 1;
+    if (l2i < (this.#l2Entries * 3) >> 2 || next >= this.#l1.length) return;
+    if (this.#l1[next] !== 0 || this.#creating.has(next)) return;
+    this.#tableToFill(next).catch(() => {}); // a failure shows again when a write needs it
   }
 
   /** The L2 table for `l1i`, created (zeroed, then pointed at from L1) when there is none. */
@@ -725,6 +738,7 @@ class QcowDisk implements DiskImpl {
 
   async close(): Promise<void> {
     try {
+      await Promise.allSettled([...this.#creating.values()]); // tables made ahead of writes
       await this.#growing;
       // Give back what a growth step reserved and no cluster used.
       if (!this.info.readOnly && this.#fileSize > this.#openedSize) {

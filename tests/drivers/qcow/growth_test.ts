@@ -6,7 +6,7 @@
  */
 import assert from "node:assert/strict";
 import { openDisk } from "../../../drivers/mod.ts";
-import { newImageBytes } from "../../../drivers/qcow/header.ts";
+import { newImageBytes, parseHeader } from "../../../drivers/qcow/header.ts";
 import { rng, withTempDir } from "../../util.ts";
 import { assertMapsAgree, assertQemuSame, MiB, verifyDisk, writeFile } from "./helpers.ts";
 
@@ -68,3 +68,49 @@ for (const clusterBits of [12, 16]) {
     });
   });
 }
+
+/** The L1 entries of the qcow image at `path`, read from the file. */
+function l1Entries(path: string): bigint[] {
+  const bytes = Deno.readFileSync(path);
+  const h = parseHeader(bytes.subarray(0, 4096), bytes.length, path);
+  const v = new DataView(bytes.buffer, bytes.byteOffset + h.l1Offset, h.l1Size * 8);
+  return Array.from({ length: h.l1Size }, (_, i) => v.getBigUint64(i * 8));
+}
+
+Deno.test("qcow growth: a write into a table's last quarter has the next table made ahead; QEMU agrees", async () => {
+  await withTempDir(async (dir) => {
+    const path = `${dir}/img.qcow`, TABLE = 2 * MiB; // 4 KiB clusters, 512 entries a table
+    writeFile(path, newImageBytes({ size: 4 * TABLE, clusterBits: 12, l2Bits: 9 }));
+    const ref = new Uint8Array(4 * TABLE);
+    const r = rng(0x7ab);
+    const disk = await openDisk(`qcow:${path}`);
+    try {
+      const put = async (offset: number, length: number) => {
+        const data = r.fill(new Uint8Array(length));
+        ref.set(data, offset);
+        await disk.write(offset, data);
+      };
+      await put(0, 64 * 1024); // first half of table 0: nothing ahead
+      await put(TABLE + TABLE / 2, 4096); // table 1, middle: nothing ahead either
+      await put(3 * TABLE + TABLE - 4096, 4096); // the last table's last cluster: none past it
+      await put(TABLE - 8192, 8192); // table 0's last quarter: table 1 exists already
+      await put(2 * TABLE + (TABLE * 3) / 4, 4096); // table 2's last quarter: table 3 exists
+    } finally {
+      await disk.close();
+    }
+    assert.deepEqual(l1Entries(path).map((e) => e !== 0n), [true, true, true, true]);
+
+    const fresh = `${dir}/fresh.qcow`;
+    writeFile(fresh, newImageBytes({ size: 4 * TABLE, clusterBits: 12, l2Bits: 9 }));
+    const d2 = await openDisk(`qcow:${fresh}`);
+    try {
+      await d2.write(TABLE + (TABLE * 3) / 4, r.fill(new Uint8Array(4096)));
+    } finally {
+      await d2.close();
+    }
+    assert.deepEqual(l1Entries(fresh).map((e) => e !== 0n), [false, true, true, false]);
+
+    writeFile(`${dir}/ref.raw`, ref);
+    await assertQemuSame(path, `${dir}/ref.raw`);
+  });
+});
