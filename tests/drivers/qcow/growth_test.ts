@@ -90,11 +90,13 @@ Deno.test("qcow growth: a write into a table's last quarter has the next table m
         ref.set(data, offset);
         await disk.write(offset, data);
       };
-      await put(0, 64 * 1024); // first half of table 0: nothing ahead
-      await put(TABLE + TABLE / 2, 4096); // table 1, middle: nothing ahead either
-      await put(3 * TABLE + TABLE - 4096, 4096); // the last table's last cluster: none past it
-      await put(TABLE - 8192, 8192); // table 0's last quarter: table 1 exists already
-      await put(2 * TABLE + (TABLE * 3) / 4, 4096); // table 2's last quarter: table 3 exists
+      // Writes in every table, some in a last quarter whose next table exists already, one in
+      // the last cluster of the last table (no table past the disk may be made).
+      await put(0, 64 * 1024);
+      await put(TABLE + TABLE / 2, 4096);
+      await put(3 * TABLE + TABLE - 4096, 4096);
+      await put(TABLE - 8192, 8192);
+      await put(2 * TABLE + (TABLE * 3) / 4, 4096);
     } finally {
       await disk.close();
     }
@@ -104,6 +106,7 @@ Deno.test("qcow growth: a write into a table's last quarter has the next table m
     writeFile(fresh, newImageBytes({ size: 4 * TABLE, clusterBits: 12, l2Bits: 9 }));
     const d2 = await openDisk(`qcow:${fresh}`);
     try {
+      // One write in table 1's last quarter: table 2 is made ahead, table 0 and 3 are not.
       await d2.write(TABLE + (TABLE * 3) / 4, r.fill(new Uint8Array(4096)));
     } finally {
       await d2.close();
