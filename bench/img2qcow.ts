@@ -8,8 +8,8 @@
  *   deno run -A bench/img2qcow.ts [--file PATH] [--size 2G] [--rounds 3] [--no-drop-caches]
  */
 import { parseArgs } from "node:util";
+import { median, ROOT as root } from "./common.ts";
 
-const root = new URL("../", import.meta.url).pathname;
 const { values } = parseArgs({
   options: {
     file: { type: "string" },
@@ -75,11 +75,6 @@ async function timed(cmd: string, args: string[]): Promise<number> {
   const start = performance.now();
   await run(cmd, args);
   return (performance.now() - start) / 1000;
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 }
 
 const { path, made } = await ensureSource();

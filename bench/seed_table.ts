@@ -16,7 +16,7 @@
  * shows the median, the median ratio to the same round's native figure and that ratio's range.
  */
 import { parseArgs } from "node:util";
-import { ROOT } from "./common.ts";
+import { median, ROOT } from "./common.ts";
 
 const { values: opts } = parseArgs({
   options: {
@@ -448,12 +448,6 @@ async function measureOnce(kind: Kind, work: string, raw: string, direct: boolea
 interface Series {
   name: string;
   rounds: Row[];
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 === 1 ? s[m] : (s[m - 1] + s[m]) / 2;
 }
 
 /**
