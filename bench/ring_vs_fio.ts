@@ -7,9 +7,11 @@
  *   - `tapd bench --ring` (the TypeScript frontend), at its defaults, and polling for responses
  *     for 1 ms against the polling tapdisk.
  * fio (libaio, O_DIRECT) is the baseline. Every run is paired with a fio run just before or after
- * it; each ratio is the median over rounds of ring ÷ fio in the pair.
+ * it; each ratio is the median over rounds of ring ÷ fio in the pair. `--base DIR` adds the C
+ * frontend's two rows against the tapdisk of another checkout (DIR, e.g. a `git worktree` of the
+ * previous commit) in the same rounds: an A/B comparison that this machine's drift does not blur.
  *
- *   deno task bench:ring [--seconds 3] [--rounds 5]
+ *   deno task bench:ring [--seconds 3] [--rounds 5] [--base DIR]
  */
 import { parseArgs } from "node:util";
 import { buildFrontend } from "../tests/ring/frontend_c.ts";
@@ -25,18 +27,26 @@ import {
 } from "./common.ts";
 
 const { values } = parseArgs({
-  options: { seconds: { type: "string", default: "3" }, rounds: { type: "string", default: "5" } },
+  options: {
+    seconds: { type: "string", default: "3" },
+    rounds: { type: "string", default: "5" },
+    base: { type: "string" },
+  },
 });
 const seconds = Number(values.seconds), rounds = Number(values.rounds);
 const file = await ensureDataFile();
 const frontend = await buildFrontend();
 
-/** A tapdisk serving the file on a ring at `sock`. */
-async function startTapdisk(sock: string, args: string[]): Promise<Deno.ChildProcess> {
+/** A tapdisk (of the checkout at `root`) serving the file on a ring at `sock`. */
+async function startTapdisk(
+  sock: string,
+  args: string[],
+  root = ROOT,
+): Promise<Deno.ChildProcess> {
   try {
     Deno.removeSync(sock);
   } catch { /* not there */ }
-  const child = new Deno.Command(`${ROOT}tapd`, {
+  const child = new Deno.Command(`${root}tapd`, {
     args: ["tapdisk", `tap:aio:${file}`, "--ring", `unix:${sock}`, ...args],
     stderr: "null",
   }).spawn();
@@ -83,6 +93,22 @@ const configs: { label: string; iops: (w: Workload) => Promise<number> }[] = [
     iops: (w) => tapdIops(`--ring=unix:${polled}`, w, seconds, ["--poll-us=1000"]),
   },
 ];
+if (values.base !== undefined) {
+  const base = values.base.endsWith("/") ? values.base : `${values.base}/`;
+  const basePlain = "/tmp/tapd-ring-bench-base.sock";
+  const basePolled = "/tmp/tapd-ring-bench-base-poll.sock";
+  servers.push(
+    await startTapdisk(basePlain, [], base),
+    await startTapdisk(basePolled, ["--poll-us=1000"], base),
+  );
+  configs.push(
+    { label: "C frontend, base tapdisk defaults", iops: (w) => cIops(basePlain, w, 0) },
+    {
+      label: "C frontend spinning 1 ms, base tapdisk --poll-us 1000",
+      iops: (w) => cIops(basePolled, w, 1000),
+    },
+  );
+}
 try {
   for (const w of READ_WORKLOADS) {
     const f: number[] = [];

@@ -198,6 +198,15 @@ export class BackRing {
     return ((next - event) >>> 0) < ((next - old) >>> 0);
   }
 
+  /**
+   * Whether the frontend waits to be notified of the next response (its rsp_event is past the
+   * responses published so far): it sleeps, rather than looking at the ring.
+   */
+  frontendWaits(): boolean {
+    const w = this.#words;
+    return ((Atomics.load(w, L.OFF_RSP_EVENT / 4) - Atomics.load(w, L.OFF_RSP_PROD / 4)) | 0) > 0;
+  }
+
   /** RING_FINAL_CHECK_FOR_REQUESTS: true if there is work; otherwise asks to be notified. */
   finalCheck(): boolean {
     if (this.unconsumed() > 0) return true;

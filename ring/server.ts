@@ -4,7 +4,8 @@
  * validated on the copy, and run concurrently on the disk with buffers from the carrier's
  * SegmentData (views straight into shared data pages on the local transport, so O_DIRECT I/O
  * lands in them without a copy); responses are pushed in batches, one notification per batch
- * when the frontend asked.
+ * when the frontend asked (a batch is an event-loop turn's responses while the frontend sleeps,
+ * each response as it comes while the frontend looks at the ring).
  */
 import type { BlockTarget } from "../drivers/target.ts";
 import type { Buffers } from "../io/engine.ts";
@@ -23,6 +24,7 @@ import {
   type BlkifRequest,
 } from "./blkif.ts";
 import type { SegmentData } from "./segments.ts";
+import { setImmediate } from "node:timers";
 import { PollWindow } from "../io/poll_window.ts";
 
 /** What a ring's carrier provides. */
@@ -74,6 +76,8 @@ export class RingServer {
   /** Why waiting for a kick failed (the transport broke), thrown by run() after the drain. */
   #waitError: unknown = undefined;
   #pushScheduled = false;
+  /** run() has drained and pushed the last responses. */
+  #finished = false;
   #stopping = false;
   #broken: RingProtocolError | null = null;
   /** The loop runs: requests may be taken (also after a push of responses). */
@@ -114,6 +118,9 @@ export class RingServer {
     });
     this.#taking = false; // from here on only requests in flight finish
     if (this.#inflight > 0) await new Promise<void>((resolve) => this.#drained = resolve);
+    // The last responses go out now: a push scheduled for a later turn may find the ring gone.
+    this.#finished = true;
+    if (this.#ring.pushResponses()) this.#t.notify();
     if (this.#broken !== null) throw this.#broken;
     if (this.#waitError !== undefined) throw this.#waitError;
   }
@@ -197,7 +204,11 @@ export class RingServer {
     this.#ring.respond(req, status);
     if (!this.#pushScheduled) {
       this.#pushScheduled = true;
-      queueMicrotask(this.#push);
+      // A frontend asleep until notified is woken once, with everything that completes in this
+      // event-loop turn (fewer wake-ups at both ends: +5% random 4k reads on the local ring);
+      // one that looks at the ring gets each response as soon as it is ready.
+      if (this.#ring.frontendWaits()) setImmediate(this.#push);
+      else queueMicrotask(this.#push);
     }
     this.#poll?.touch();
     if (--this.#inflight === 0 && this.#drained !== null) this.#drained();
@@ -205,6 +216,7 @@ export class RingServer {
 
   #push = (): void => {
     this.#pushScheduled = false;
+    if (this.#finished) return;
     if (this.#ring.pushResponses()) this.#t.notify();
     if (this.#taking) this.#take();
   };

@@ -1,9 +1,13 @@
 /**
  * RingServer in process, with a frontend written by hand into a one-page ring: the serving loop's
- * ends (a transport whose kick wait fails; polling without kicks; stop()).
+ * ends (a transport whose kick wait fails; polling without kicks; stop()), and how responses are
+ * pushed to a frontend that sleeps and to one that looks at the ring.
  */
 import assert from "node:assert/strict";
+import type { DiskDone, DiskInfo, Extent } from "../../drivers/driver.ts";
 import { openDisk } from "../../drivers/mod.ts";
+import type { BlockTarget } from "../../drivers/target.ts";
+import type { Buffers } from "../../io/engine.ts";
 import {
   BLKIF_LAYOUT as L,
   BLKIF_OP_READ,
@@ -122,4 +126,98 @@ Deno.test("ring server: polling serves requests published without a kick; stop()
     assert.equal(server.stats.requests, 20);
     await disk.close();
   });
+});
+
+/** A disk whose reads complete only when the test says so. */
+class HeldDisk implements BlockTarget {
+  readonly size = 1024 * 1024;
+  readonly name = "held";
+  readonly info: DiskInfo = {
+    size: this.size,
+    logicalSectorSize: 512,
+    physicalSectorSize: 4096,
+    readOnly: false,
+    backing: null,
+    discardFreesSpace: false,
+  };
+  held: DiskDone[] = [];
+  submit(_write: boolean, _offset: number, _bufs: Buffers, done: DiskDone): void {
+    this.held.push(done);
+  }
+  read(): Promise<void> {
+    return Promise.reject(new Error("not used"));
+  }
+  write(): Promise<void> {
+    return Promise.reject(new Error("not used"));
+  }
+  flush(): Promise<void> {
+    return Promise.resolve();
+  }
+  discard(): Promise<void> {
+    return Promise.resolve();
+  }
+  writeZeroes(): Promise<void> {
+    return Promise.resolve();
+  }
+  blockStatus(): Promise<Extent[]> {
+    return Promise.resolve([]);
+  }
+}
+
+const microtask = () => new Promise<void>((resolve) => queueMicrotask(resolve));
+
+for (const asleep of [true, false]) {
+  const who = asleep ? "asleep until notified" : "looking at the ring";
+  Deno.test(`ring server: a frontend ${who} gets ${asleep ? "one push of a turn's responses" : "each response as it is ready"}`, async () => {
+    const disk = new HeldDisk(), t = new FakeTransport();
+    const server = new RingServer(disk, t, true);
+    const v = new DataView(t.ring.buffer);
+    const arm = () => v.setUint32(L.OFF_RSP_EVENT, v.getUint32(L.OFF_RSP_PROD, true) + 1, true);
+    for (let i = 0; i < 8; i++) t.publish(false, i, i * 8, i);
+    if (asleep) arm();
+    else v.setUint32(L.OFF_RSP_EVENT, 0, true); // stale: the frontend asked for no notification
+    let kicked: (more: boolean) => void = () => {};
+    t.waitKick = () => new Promise((resolve) => kicked = resolve);
+    const running = server.run();
+    await until("the requests reach the disk", () => disk.held.length === 8);
+    // Completions come one per microtask, as the engines hand them out; a sleeping frontend
+    // re-arms after each notification it gets.
+    const seen: number[] = [];
+    for (const done of disk.held) {
+      done(null);
+      await microtask();
+      await microtask();
+      seen.push(t.responses().length);
+      if (asleep && t.notifies > 0) arm();
+    }
+    if (asleep) {
+      assert.deepEqual(seen, [0, 0, 0, 0, 0, 0, 0, 0], "nothing pushed within the turn");
+      await new Promise((r) => setTimeout(r, 0));
+      assert.equal(t.responses().length, 8, "the turn's responses, pushed together");
+      assert.equal(t.notifies, 1);
+    } else {
+      assert.deepEqual(seen, [1, 1, 1, 1, 1, 1, 1, 1], "each response pushed as it came");
+      assert.equal(t.notifies, 0);
+    }
+    kicked(false);
+    await running;
+  });
+}
+
+Deno.test("ring server: run() pushes the last responses itself before it returns", async () => {
+  const disk = new HeldDisk(), t = new FakeTransport();
+  const server = new RingServer(disk, t, true);
+  const v = new DataView(t.ring.buffer);
+  for (let i = 0; i < 3; i++) t.publish(false, i, i * 8, i);
+  v.setUint32(L.OFF_RSP_EVENT, 1, true); // asleep: responses wait for the end of the turn
+  let kicked: (more: boolean) => void = () => {};
+  t.waitKick = () => new Promise((resolve) => kicked = resolve);
+  const running = server.run();
+  await until("the requests reach the disk", () => disk.held.length === 3);
+  server.stop();
+  kicked(true);
+  for (const done of disk.held) done(null);
+  await running; // returns before the turn ends: the transport may be closed right after
+  assert.equal(t.responses().length, 3);
+  assert.equal(t.notifies, 1);
 });
