@@ -76,14 +76,37 @@ async function cIops(sock: string, w: Workload, spinMicros: number): Promise<num
   return Number(m[1]);
 }
 
-const plain = "/tmp/tapd-ring-bench.sock", polled = "/tmp/tapd-ring-bench-poll.sock";
-const servers = [await startTapdisk(plain, []), await startTapdisk(polled, ["--poll-us=1000"])];
-const configs: { label: string; iops: (w: Workload) => Promise<number> }[] = [
-  { label: "C frontend, tapdisk defaults", iops: (w) => cIops(plain, w, 0) },
-  {
-    label: "C frontend spinning 1 ms, tapdisk --poll-us 1000",
-    iops: (w) => cIops(polled, w, 1000),
-  },
+interface Config {
+  label: string;
+  iops: (w: Workload) => Promise<number>;
+}
+
+const servers: Deno.ChildProcess[] = [];
+
+/**
+ * Starts the two tapdisks of the checkout at `root` (defaults, `--poll-us 1000`) on sockets named
+ * after `name`; returns their sockets and the C frontend's rows against them.
+ */
+async function tapdisks(root: string, name: string, what: string) {
+  const plain = `/tmp/tapd-ring-bench${name}.sock`,
+    polled = `/tmp/tapd-ring-bench${name}-poll.sock`;
+  servers.push(
+    await startTapdisk(plain, [], root),
+    await startTapdisk(polled, ["--poll-us=1000"], root),
+  );
+  const rows: Config[] = [
+    { label: `C frontend, ${what} defaults`, iops: (w) => cIops(plain, w, 0) },
+    {
+      label: `C frontend spinning 1 ms, ${what} --poll-us 1000`,
+      iops: (w) => cIops(polled, w, 1000),
+    },
+  ];
+  return { plain, polled, rows };
+}
+
+const { plain, polled, rows } = await tapdisks(ROOT, "", "tapdisk");
+const configs: Config[] = [
+  ...rows,
   {
     label: "tapd bench --ring, defaults",
     iops: (w) => tapdIops(`--ring=unix:${plain}`, w, seconds),
@@ -95,19 +118,7 @@ const configs: { label: string; iops: (w: Workload) => Promise<number> }[] = [
 ];
 if (values.base !== undefined) {
   const base = values.base.endsWith("/") ? values.base : `${values.base}/`;
-  const basePlain = "/tmp/tapd-ring-bench-base.sock";
-  const basePolled = "/tmp/tapd-ring-bench-base-poll.sock";
-  servers.push(
-    await startTapdisk(basePlain, [], base),
-    await startTapdisk(basePolled, ["--poll-us=1000"], base),
-  );
-  configs.push(
-    { label: "C frontend, base tapdisk defaults", iops: (w) => cIops(basePlain, w, 0) },
-    {
-      label: "C frontend spinning 1 ms, base tapdisk --poll-us 1000",
-      iops: (w) => cIops(basePolled, w, 1000),
-    },
-  );
+  configs.push(...(await tapdisks(base, "-base", "base tapdisk")).rows);
 }
 try {
   for (const w of READ_WORKLOADS) {

@@ -120,7 +120,7 @@ export class RingServer {
     if (this.#inflight > 0) await new Promise<void>((resolve) => this.#drained = resolve);
     // The last responses go out now: a push scheduled for a later turn may find the ring gone.
     this.#finished = true;
-    if (this.#ring.pushResponses()) this.#t.notify();
+    this.#publish();
     if (this.#broken !== null) throw this.#broken;
     if (this.#waitError !== undefined) throw this.#waitError;
   }
@@ -217,9 +217,14 @@ export class RingServer {
   #push = (): void => {
     this.#pushScheduled = false;
     if (this.#finished) return;
-    if (this.#ring.pushResponses()) this.#t.notify();
+    this.#publish();
     if (this.#taking) this.#take();
   };
+
+  /** Publishes the responses written so far, notifying the frontend if it asked. */
+  #publish(): void {
+    if (this.#ring.pushResponses()) this.#t.notify();
+  }
 
   /**
    * Runs one request; throws (Malformed/Unsupported or the disk's error) for an error response.
