@@ -6,7 +6,7 @@
 import type { Logger } from "../cli/log.ts";
 import { openDisk } from "../drivers/mod.ts";
 import { type FuseCloseOptions, FuseExport } from "../fuse/export.ts";
-import { type EngineKind, SERVER_ENGINE } from "../io/engine.ts";
+import { type EngineKind, type EngineOptions, RING_ENGINE, SERVER_ENGINE } from "../io/engine.ts";
 import { formatNbdAddress, type NbdAddress, nbdUri } from "../nbd/address.ts";
 import { NbdServer } from "../nbd/server.ts";
 import { LocalRingListener } from "../ring/local.ts";
@@ -73,13 +73,19 @@ export class TapdiskServer {
     this.#log = options.log;
   }
 
+  /** The engine tuning for the exports asked for: rings alone batch smaller (io/engine.ts). */
+  #tuning(): Readonly<EngineOptions> {
+    const o = this.#options;
+    return o.nbd.length === 0 && o.fuse === null ? RING_ENGINE : SERVER_ENGINE;
+  }
+
   /** Opens the disk and starts every export; on failure, undoes what was started and throws. */
   async start(): Promise<Serving> {
     const o = this.#options;
     const disk = await openDisk(o.spec, {
       readOnly: o.readOnly,
       engine: o.engine,
-      ...SERVER_ENGINE,
+      ...this.#tuning(),
       pollMicros: o.pollMicros,
     });
     const gate = this.#gate = new DiskGate(disk);
@@ -217,7 +223,7 @@ export class TapdiskServer {
     const next = await openDisk(reopen, {
       readOnly: this.#options.readOnly,
       engine: this.#options.engine,
-      ...SERVER_ENGINE,
+      ...this.#tuning(),
       pollMicros: this.#options.pollMicros,
     });
     try {

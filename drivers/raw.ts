@@ -47,7 +47,7 @@ export function openImageFile(path: string, options: DiskOptions, direct: boolea
   }
 }
 
-class RawDisk implements DiskImpl {
+export class RawDisk implements DiskImpl {
   readonly info: DiskInfo;
   readonly #file: FileHandle;
   readonly #engine: IoEngine;

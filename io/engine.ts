@@ -1,6 +1,7 @@
 /**
  * The I/O engine interface: asynchronous reads, writes, flushes and fallocate on open files.
- * Every operation queued during one event-loop turn goes to the kernel in one batch.
+ * Operations go to the kernel in batches: a batch as soon as it is full, the rest at the end of
+ * the event-loop turn that queued them.
  *
  * Buffers may be any Uint8Array. Views over registered foreign memory (BufferPool buffers,
  * mappings) whose address and length are multiples of 512 (what O_DIRECT needs) go to the kernel
@@ -58,8 +59,9 @@ export interface EngineOptions {
    */
   pollMicros?: number;
   /**
-   * Kernel-queue engines: most requests per io_submit/io_uring_enter (default 1). Everything
-   * prepared in one event-loop turn is submitted at the end of that turn, in calls of this size.
+   * Kernel-queue engines: most requests per io_submit/io_uring_enter (default 1). A full batch is
+   * submitted as soon as it is prepared (within submit()); a partial one at the end of the
+   * event-loop turn.
    */
   batch?: number;
   /**
@@ -91,5 +93,22 @@ export const SERVER_COALESCE = 32;
 /** The engine tuning every export opens its disk with. */
 export const SERVER_ENGINE: Readonly<EngineOptions> = {
   batch: SERVER_BATCH,
+  coalesceAbove: SERVER_COALESCE,
+};
+
+/**
+ * The submission batch for a disk served on blkif rings only (`tapd tapdisk --ring`/`--xen`,
+ * `tapd xen-backend`). A ring hands its requests over in bursts (a frontend woken with a burst
+ * of responses publishes as many requests), and each full batch goes to the kernel as soon as it
+ * is prepared, so a small batch gets the burst's first requests to the disk soonest: random 4k
+ * reads through the ring, paired, 0.77× of fio with 4 against 0.74× with 16 (both ends polling:
+ * 0.97× against 0.89×). FUSE measured the other way round (4k random reads 0.63× with 16, 0.61×
+ * with 4), so a disk with other exports keeps SERVER_BATCH.
+ */
+export const RING_BATCH = 4;
+
+/** The engine tuning of a disk served on blkif rings only. */
+export const RING_ENGINE: Readonly<EngineOptions> = {
+  batch: RING_BATCH,
   coalesceAbove: SERVER_COALESCE,
 };

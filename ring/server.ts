@@ -290,17 +290,18 @@ export class RingServer {
     const pages = Math.ceil(n / L.SEGMENTS_PER_INDIRECT_PAGE);
     let bytes: Uint8Array;
     try {
-      bytes = this.#t.data.indirectPages(req.indirectGrefs!, pages);
+      bytes = this.#t.data.indirectPages(req.indirectGrefs, pages);
     } catch (e) {
       throw new Malformed((e as Error).message);
     }
-    const v = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-    const segs = new Uint32Array(n * 3);
+    if (req.indirectSegments.length < n * 3) req.indirectSegments = new Uint32Array(max * 3);
+    const segs = req.indirectSegments;
     for (let i = 0; i < n; i++) {
       const at = i * L.SEGMENT_SIZE;
-      segs[i * 3] = v.getUint32(at + L.OFF_SEG_GREF, true);
-      segs[i * 3 + 1] = v.getUint8(at + L.OFF_SEG_FIRST_SECT);
-      segs[i * 3 + 2] = v.getUint8(at + L.OFF_SEG_LAST_SECT);
+      segs[i * 3] = bytes[at + L.OFF_SEG_GREF] | bytes[at + L.OFF_SEG_GREF + 1] << 8 |
+        bytes[at + L.OFF_SEG_GREF + 2] << 16 | bytes[at + L.OFF_SEG_GREF + 3] << 24;
+      segs[i * 3 + 1] = bytes[at + L.OFF_SEG_FIRST_SECT];
+      segs[i * 3 + 2] = bytes[at + L.OFF_SEG_LAST_SECT];
     }
     return segs;
   }

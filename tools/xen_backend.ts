@@ -8,7 +8,7 @@ import { type Command, UsageError } from "../cli/command.ts";
 import { createLogger } from "../cli/log.ts";
 import { SignalQueue } from "../cli/signals.ts";
 import { openDisk } from "../drivers/mod.ts";
-import { ENGINE_KINDS, SERVER_ENGINE } from "../io/engine.ts";
+import { ENGINE_KINDS, RING_ENGINE } from "../io/engine.ts";
 import { DATA_PATHS } from "../xen/kernel.ts";
 import { serveXenVbd } from "../xen/serve.ts";
 import { parseVdev } from "../xen/vbd_paths.ts";
@@ -81,7 +81,7 @@ Examples:
     const disk = await openDisk(positionals[0], {
       readOnly: values["read-only"],
       engine,
-      ...SERVER_ENGINE,
+      ...RING_ENGINE,
       pollMicros,
     });
     const signals = new SignalQueue();
