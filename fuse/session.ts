@@ -38,7 +38,7 @@ import {
   WRITE_DATA_OFFSET,
   WRITE_OUT_SIZE,
 } from "./protocol.ts";
-import { DATA, READ_AT, type Slot, SlotPool } from "./slots.ts";
+import { DATA, LARGE_REQUEST, READ_AT, type Slot, SlotPool } from "./slots.ts";
 import { PollWindow } from "../io/poll_window.ts";
 
 const EPERM = 1, ENOENT = 2, EIO = 5, ENXIO = 6, EINVAL = 22, ENOSPC = 28, EROFS = 30;
@@ -111,6 +111,8 @@ export class FuseSession {
   readonly #scratch = new Uint8Array(256);
   readonly #sv = new DataView(this.#scratch.buffer);
   #inflight = 0;
+  /** The last READ or WRITE was large: the next request is read into a huge-page slot. */
+  #large = false;
   #drainQueued = false;
   /** The connection ended (a read said so). */
   #gone = false;
@@ -209,7 +211,7 @@ export class FuseSession {
     let bytes = 0;
     for (;;) {
       if (bytes >= DRAIN_BYTES) return "more";
-      const slot = this.#slots.take();
+      const slot = this.#slots.take(this.#large);
       if (slot === null) return "full";
       let n: number;
       try {
@@ -401,6 +403,7 @@ export class FuseSession {
     const v = req.slot.view, b = req.body, size = this.#io.size;
     const offset = Number(v.getBigUint64(b + RW_IN.offset, true));
     const wanted = v.getUint32(b + RW_IN.length, true);
+    this.#large = wanted >= LARGE_REQUEST;
     if (offset >= size || wanted === 0) return this.#ok(req); // end of file: no data
     const length = Math.min(wanted, size - offset, MAX_IO);
     const slot = req.slot;
@@ -423,6 +426,7 @@ export class FuseSession {
     const v = req.slot.view, b = req.body;
     const offset = Number(v.getBigUint64(b + RW_IN.offset, true));
     const length = v.getUint32(b + RW_IN.length, true);
+    this.#large = length >= LARGE_REQUEST;
     if (req.length !== WRITE_DATA_OFFSET + length) return this.#error(req, EINVAL);
     if (this.#readOnly) return this.#error(req, EROFS);
     if (offset + length > this.#io.size) return this.#error(req, ENOSPC);

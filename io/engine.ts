@@ -1,7 +1,8 @@
 /**
  * The I/O engine interface: asynchronous reads, writes, flushes and fallocate on open files.
- * Operations go to the kernel in batches: a batch as soon as it is full, the rest at the end of
- * the event-loop turn that queued them.
+ * Operations go to the kernel in batches: a batch as soon as it is full (and a large read or
+ * write at once, with what was prepared before it), the rest at the end of the event-loop turn
+ * that queued them.
  *
  * Buffers may be any Uint8Array. Views over registered foreign memory (BufferPool buffers,
  * mappings) whose address and length are multiples of 512 (what O_DIRECT needs) go to the kernel

@@ -27,6 +27,16 @@ export const OP_FDSYNC = 3;
 export const OP_FALLOCATE = 4;
 const OP_NAMES = ["read", "write", "fsync", "fdatasync", "fallocate"];
 
+/**
+ * A read or write of at least this many bytes goes to the kernel at once, with whatever was
+ * prepared before it, instead of waiting for its batch to fill or the turn to end. Large
+ * requests submitted together are merged by the block layer when their buffers allow it (huge
+ * pages do): a sequential reader's 850 KiB read-ahead requests reached the disk as 2.5 MiB reads,
+ * and each then waited for the others' data (bonnie++ block in through the FUSE export
+ * 1.6 → 1.9 GB/s with this). One system call per large request costs nothing next to its data.
+ */
+export const SUBMIT_AT_ONCE = 128 * 1024;
+
 /** Segments per request passed to the kernel as an iovec; longer lists are bounced. */
 export const MAX_IOV = 64;
 const IOVEC_SIZE = 16;
@@ -235,7 +245,10 @@ export abstract class QueueEngine implements IoEngine {
     this.prepare(slot, p);
     this.#inflight++;
     this.#prepared++;
-    if (this.#prepared >= this.#batch) {
+    if (
+      this.#prepared >= this.#batch ||
+      (op <= OP_WRITE && (p.vector ? byteLength(bufs) : p.len) >= SUBMIT_AT_ONCE)
+    ) {
       // A full batch goes to the kernel now rather than at the end of the caller's turn: a
       // server starting a burst of requests gets the first ones to the device while it prepares
       // the rest (under the ring's bursts of 64, the disk's latency fell from 0.47 to 0.33 ms).

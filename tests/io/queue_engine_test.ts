@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { OP_READ, type Prepared, QueueEngine } from "../../io/queue_engine.ts";
+import { OP_READ, type Prepared, QueueEngine, SUBMIT_AT_ONCE } from "../../io/queue_engine.ts";
 import { FileHandle } from "../../ffi/file.ts";
 import { O_RDONLY } from "../../ffi/constants.ts";
 
@@ -84,6 +84,30 @@ Deno.test("queue engine: a full batch goes to the kernel within submit(), the re
       { count: 3, phase: "turn over" },
     ]);
     assert.deepEqual(results, Array(7).fill(4096));
+  });
+});
+
+Deno.test("queue engine: a large request goes to the kernel at once, with those prepared before it", async () => {
+  await withEngine(16, async (engine, file) => {
+    const results: Array<number | Error> = [];
+    const all = new Promise<void>((resolve) => {
+      engine.phase = "dispatching";
+      const sizes = [4096, 4096, SUBMIT_AT_ONCE, 4096, SUBMIT_AT_ONCE - 4096, SUBMIT_AT_ONCE * 8];
+      for (const size of sizes) {
+        engine.submit(false, file, 0, new Uint8Array(size), (r) => {
+          results.push(r);
+          if (results.length === sizes.length) resolve();
+        });
+      }
+      engine.phase = "turn over";
+    });
+    await all;
+    // The small ones wait for their batch; each large one takes them along.
+    assert.deepEqual(engine.calls, [
+      { count: 3, phase: "dispatching" },
+      { count: 3, phase: "dispatching" },
+    ]);
+    assert.equal(results.length, 6);
   });
 });
 
