@@ -8,13 +8,13 @@
  *   DATA          READ data is read here from the disk; its reply header goes just before it
  *                 and header + data leave in one write(2)
  *
- * The first HUGE_SLOTS slots are packed into memory advised for 2 MiB transparent huge pages, so
- * a slot's data area spans at most two physically contiguous pieces: a 1 MiB request is then one
- * or two segments for the disk instead of 256 (this VM's virtio disk has no indirect descriptors,
- * so 256 segments fill its queue), and the kernel pins two pages, not 256, when it copies the
- * request in or the reply out. Measured through a loop device on the export (bonnie++ block out
- * and rewrite, docs/performance.md). Slots past those are ordinary pages: a huge page is all
- * resident once touched, and a burst of small requests would otherwise make every slot resident.
+ * Up to HUGE_SLOTS slots are packed into memory advised for 2 MiB transparent huge pages, so a
+ * slot's data area spans at most two physically contiguous pieces: a 1 MiB request is then one or
+ * two segments for the disk instead of 256 (this VM's virtio disk has no indirect descriptors, so
+ * 256 segments fill its queue), and the kernel pins two pages, not 256, when it copies the request
+ * in or the reply out (docs/performance.md). Large requests take those; small ones take slots of
+ * ordinary pages, since a huge page is all resident once touched and random small requests
+ * measured slower from them.
  * Slots are made on first use, up to a cap; a slot is free again once its request has been
  * answered.
  */
@@ -42,16 +42,18 @@ export class Slot {
   readonly view: DataView;
   /** Where requests are read (its length is what the kernel may fill). */
   readonly readArea: Uint8Array<ArrayBuffer>;
-  /** The slot lies in huge pages. */
-  readonly huge: boolean;
 
   /** A slot over `bytes` (SLOT_SIZE long, page-aligned) of the pool's block, or its own memory. */
   constructor(bytes?: Uint8Array<ArrayBuffer>) {
     this.#memory = bytes === undefined ? new AlignedMemory(SLOT_SIZE, 4096) : null;
-    this.huge = bytes !== undefined;
     this.bytes = bytes ?? this.#memory!.bytes;
     this.view = new DataView(this.bytes.buffer, this.bytes.byteOffset, this.bytes.byteLength);
     this.readArea = this.bytes.subarray(READ_AT);
+  }
+
+  /** The slot lies in the pool's huge-page block. */
+  get huge(): boolean {
+    return this.#memory === null;
   }
 
   /** The data area, `length` bytes from DATA (at most MAX_IO + 8 KiB). */
@@ -86,7 +88,7 @@ export class SlotPool implements Disposable {
    * plain slots first (random 4 KiB reads through a loop device measured ~4% slower from huge
    * ones).
    */
-  take(large = true): Slot | null {
+  take(large: boolean): Slot | null {
     const [first, second] = large ? [this.#hugeFree, this.#free] : [this.#free, this.#hugeFree];
     return first.pop() ?? this.#make(large) ?? second.pop() ?? this.#make(!large);
   }
