@@ -4,7 +4,7 @@
  * unmounts the FUSE file, unplugs the vbd, then drains and closes everything else.
  */
 import type { Logger } from "../cli/log.ts";
-import { openDisk } from "../drivers/mod.ts";
+import { openDisk, rawOverImage } from "../drivers/mod.ts";
 import { type FuseCloseOptions, FuseExport } from "../fuse/export.ts";
 import { type EngineKind, type EngineOptions, RING_ENGINE, SERVER_ENGINE } from "../io/engine.ts";
 import { formatNbdAddress, type NbdAddress, nbdUri } from "../nbd/address.ts";
@@ -82,6 +82,7 @@ export class TapdiskServer {
   /** Opens the disk and starts every export; on failure, undoes what was started and throws. */
   async start(): Promise<Serving> {
     const o = this.#options;
+    await this.#warnRawOverImage(o.spec);
     const disk = await openDisk(o.spec, {
       readOnly: o.readOnly,
       engine: o.engine,
@@ -220,6 +221,7 @@ export class TapdiskServer {
       return;
     }
     if (!gate.paused) throw new Error("resume --reopen: the disk is not paused (pause it first)");
+    await this.#warnRawOverImage(reopen);
     const next = await openDisk(reopen, {
       readOnly: this.#options.readOnly,
       engine: this.#options.engine,
@@ -233,6 +235,11 @@ export class TapdiskServer {
       throw e;
     }
     this.#log.info("resumed on a new image", { spec: reopen });
+  }
+
+  async #warnRawOverImage(spec: string): Promise<void> {
+    const mismatch = await rawOverImage(spec, { readOnly: this.#options.readOnly });
+    if (mismatch !== null) this.#log.warn(mismatch);
   }
 
   stats(): GateStats {

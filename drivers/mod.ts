@@ -97,6 +97,30 @@ export function parseDiskSpec(text: string): DiskSpec {
   return parseSpec(text, [...DRIVERS.keys()]);
 }
 
+/**
+ * A warning for a raw spec (`tap:aio:`, `tap:sync:`) opened writable over a file that holds an
+ * image format's header: the guest's first write there destroys the image's metadata, which is
+ * almost never what was meant (`tap:qcow:` was). Null when the spec is not raw, is read-only, or
+ * the file reads as raw. The open goes ahead either way: the spec says raw, as QEMU's
+ * `format=raw` does.
+ */
+export async function rawOverImage(
+  spec: string | DiskSpec,
+  options: DiskOptions = {},
+): Promise<string | null> {
+  const s = typeof spec === "string" ? parseDiskSpec(spec) : spec;
+  if ((s.type !== "aio" && s.type !== "sync") || s.readOnly || options.readOnly) return null;
+  let format: string;
+  try {
+    format = await probeFormat(s.path);
+  } catch {
+    return null; // the open itself reports what is wrong with the file
+  }
+  if (format === "raw") return null;
+  return `"${s.path}" holds a ${format} image, served as raw by tap:${s.type}: writes will ` +
+    `overwrite its metadata (tap:${format}:${s.path} serves the image; add ,ro to only look)`;
+}
+
 /** Opens a disk from a spec; options override nothing the spec says except to add read-only. */
 export async function openDisk(spec: string | DiskSpec, options: DiskOptions = {}): Promise<Disk> {
   const s = typeof spec === "string" ? parseDiskSpec(spec) : spec;

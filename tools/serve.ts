@@ -7,7 +7,7 @@ import { parseChoice, parseCommandLine, parsePollMicros } from "../cli/args.ts";
 import { type Command, UsageError } from "../cli/command.ts";
 import { createLogger } from "../cli/log.ts";
 import { SignalQueue } from "../cli/signals.ts";
-import { openDisk } from "../drivers/mod.ts";
+import { openDisk, rawOverImage } from "../drivers/mod.ts";
 import { ENGINE_KINDS, SERVER_ENGINE } from "../io/engine.ts";
 import { formatNbdAddress, nbdUri, parseNbdAddress } from "../nbd/address.ts";
 import { NbdServer } from "../nbd/server.ts";
@@ -68,6 +68,8 @@ Examples:
       : parseChoice(values.engine, "--engine", ENGINE_KINDS);
     const pollMicros = parsePollMicros(values["poll-us"]);
     const log = createLogger("serve", { pid: Deno.pid });
+    const mismatch = await rawOverImage(positionals[0], { readOnly: values["read-only"] });
+    if (mismatch !== null) log.warn(mismatch);
     const disk = await openDisk(positionals[0], {
       readOnly: values["read-only"],
       engine,

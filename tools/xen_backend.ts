@@ -7,7 +7,7 @@ import { parseChoice, parseCommandLine, parsePollMicros } from "../cli/args.ts";
 import { type Command, UsageError } from "../cli/command.ts";
 import { createLogger } from "../cli/log.ts";
 import { SignalQueue } from "../cli/signals.ts";
-import { openDisk } from "../drivers/mod.ts";
+import { openDisk, rawOverImage } from "../drivers/mod.ts";
 import { ENGINE_KINDS, RING_ENGINE } from "../io/engine.ts";
 import { DATA_PATHS } from "../xen/kernel.ts";
 import { serveXenVbd } from "../xen/serve.ts";
@@ -78,6 +78,8 @@ Examples:
     const dataPath = parseChoice(values.data, "--data", DATA_PATHS);
     const pollMicros = parsePollMicros(values["poll-us"]);
     const log = createLogger("xen-backend", { pid: Deno.pid });
+    const mismatch = await rawOverImage(positionals[0], { readOnly: values["read-only"] });
+    if (mismatch !== null) log.warn(mismatch);
     const disk = await openDisk(positionals[0], {
       readOnly: values["read-only"],
       engine,

@@ -1,0 +1,43 @@
+import assert from "node:assert/strict";
+import { rawOverImage } from "../../drivers/mod.ts";
+import { createQcow } from "../../tools/qcow_create.ts";
+import { Serve } from "../nbd/helpers.ts";
+import { withTempDir } from "../util.ts";
+
+const MiB = 1024 * 1024;
+
+async function qcowAndRaw(dir: string): Promise<{ qcow: string; raw: string }> {
+  const qcow = `${dir}/disk.qcow`, raw = `${dir}/disk.raw`;
+  await createQcow({ path: qcow, size: 16 * MiB, backing: null, reserve: false, force: false });
+  Deno.writeFileSync(raw, new Uint8Array(MiB));
+  return { qcow, raw };
+}
+
+Deno.test("rawOverImage: a writable raw spec over a qcow image is named, with the right spec", async () => {
+  await withTempDir(async (dir) => {
+    const { qcow, raw } = await qcowAndRaw(dir);
+    const message = await rawOverImage(`tap:aio:${qcow}`);
+    assert.ok(message !== null);
+    assert.match(message, /holds a qcow image, served as raw by tap:aio/);
+    assert.ok(message.includes(`tap:qcow:${qcow}`), message);
+    assert.match((await rawOverImage(`tap:sync:${qcow}`))!, /tap:sync/);
+    // Nothing to say: the image's own driver, read-only, a raw file, a missing file.
+    assert.equal(await rawOverImage(`tap:qcow:${qcow}`), null);
+    assert.equal(await rawOverImage(`tap:aio:${qcow},ro`), null);
+    assert.equal(await rawOverImage(`tap:aio:${qcow}`, { readOnly: true }), null);
+    assert.equal(await rawOverImage(`tap:aio:${raw}`), null);
+    assert.equal(await rawOverImage(`tap:aio:${dir}/missing`), null);
+  });
+});
+
+Deno.test("tapd serve tap:aio over a qcow image warns, and serves it as asked", async () => {
+  await withTempDir(async (dir) => {
+    const { qcow } = await qcowAndRaw(dir);
+    const before = Deno.readFileSync(qcow);
+    const s = await Serve.start(`tap:aio:${qcow}`, { unix: `${dir}/nbd.sock`, logLevel: "warn" });
+    const { code, stderr } = await s.stop();
+    assert.equal(code, 0, stderr);
+    assert.match(stderr, /level=warn .*holds a qcow image, served as raw by tap:aio/);
+    assert.deepEqual(Deno.readFileSync(qcow), before); // warned, not touched
+  });
+});
