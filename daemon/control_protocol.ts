@@ -62,7 +62,14 @@ export interface DiskRecord {
 export type DiskStats = GateStats & { id: number };
 
 export type ControlReply =
-  | { ok: true; disk?: DiskRecord; disks?: DiskRecord[]; stats?: DiskStats }
+  | {
+    ok: true;
+    disk?: DiskRecord;
+    disks?: DiskRecord[];
+    stats?: DiskStats;
+    /** Something the user should know about the disk just attached or resumed. */
+    warning?: string;
+  }
   | { ok: false; error: string };
 
 /** A request the daemon refuses before acting on it. */

@@ -5,6 +5,7 @@
  * touched. A dead child's FUSE mount is aborted by the daemon (nobody is left waiting on it).
  */
 import type { Logger } from "../cli/log.ts";
+import { rawOverImage } from "../drivers/mod.ts";
 import { abortFuseMount } from "../fuse/export.ts";
 import { findMount, FUSE_TYPE } from "../fuse/mount.ts";
 import { TapdiskChild } from "./children.ts";
@@ -90,15 +91,20 @@ export class Daemon {
       switch (req.verb) {
         case "list":
           return { ok: true, disks: this.list() };
-        case "attach":
-          return { ok: true, disk: await this.attach(req) };
+        case "attach": {
+          const disk = await this.attach(req);
+          return withWarning({ ok: true, disk }, await rawOverImage(disk.spec, disk));
+        }
         case "detach":
           await this.detach(req.id);
           return { ok: true };
         case "pause":
           return { ok: true, disk: await this.pause(req.id) };
-        case "resume":
-          return { ok: true, disk: await this.resume(req.id, req.reopen) };
+        case "resume": {
+          const disk = await this.resume(req.id, req.reopen);
+          const warning = req.reopen === null ? null : await rawOverImage(req.reopen, disk);
+          return withWarning({ ok: true, disk }, warning);
+        }
         case "stats":
           return { ok: true, stats: await this.stats(req.id) };
       }
@@ -352,4 +358,9 @@ function removeSocket(path: string): void {
   try {
     if (Deno.lstatSync(path).isSocket) Deno.removeSync(path);
   } catch { /* gone already */ }
+}
+
+/** The reply, with the tapdisk's warning about its spec (also in its log) for `ctl` to show. */
+function withWarning(reply: ControlReply & { ok: true }, warning: string | null): ControlReply {
+  return warning === null ? reply : { ...reply, warning };
 }

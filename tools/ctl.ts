@@ -150,6 +150,7 @@ export const ctlCommand: Command = {
     const control = values.control ?? defaultControlSocket();
     const reply = await controlRequest(control, request);
     if (!reply.ok) throw new Error(`ctl: ${reply.error}`);
+    if (reply.warning !== undefined) console.error(`tapd ctl: warning: ${reply.warning}`);
     console.log(render(verb, reply, values.json, request));
     return 0;
   },

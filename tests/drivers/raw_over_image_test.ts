@@ -3,6 +3,7 @@ import { rawOverImage } from "../../drivers/mod.ts";
 import { createQcow } from "../../tools/qcow_create.ts";
 import { Serve } from "../nbd/helpers.ts";
 import { withTempDir } from "../util.ts";
+import { withDaemon } from "../daemon/helpers.ts";
 
 const MiB = 1024 * 1024;
 
@@ -39,5 +40,19 @@ Deno.test("tapd serve tap:aio over a qcow image warns, and serves it as asked", 
     assert.equal(code, 0, stderr);
     assert.match(stderr, /level=warn .*holds a qcow image, served as raw by tap:aio/);
     assert.deepEqual(Deno.readFileSync(qcow), before); // warned, not touched
+  });
+});
+
+Deno.test("tapd ctl attach tap:aio over a qcow image prints the warning; tap:qcow does not", async () => {
+  await withDaemon(async (d) => {
+    const { qcow } = await qcowAndRaw(d.dir);
+    const raw = await d.ctlOk("attach", `tap:aio:${qcow}`);
+    assert.match(raw.stderr, /^tapd ctl: warning: .*holds a qcow image, served as raw by tap:aio/m);
+    assert.match(raw.stdout, /^disk 0: running/m);
+    await d.ctlOk("detach", "0");
+    const right = await d.ctlOk("attach", `tap:qcow:${qcow}`);
+    assert.equal(right.stderr, "");
+    const ro = await d.ctlOk("attach", `tap:aio:${qcow}`, "--read-only");
+    assert.equal(ro.stderr, "");
   });
 });
