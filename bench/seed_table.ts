@@ -212,19 +212,22 @@ const KINDS: Kind[] = [
         await nbd.stop();
         throw new Error(`qemu-nbd: ${(e as Error).message}: ${nbd.stderr.trim()}`);
       }
-      const fuse = new Background("nbdfuse", [dir, "--unix", sock]);
+      let fuse: Background | null = null;
       try {
+        fuse = new Background("nbdfuse", [dir, "--unix", sock]);
         await waitFor("nbdfuse to mount", () => isMountPoint(dir));
       } catch (e) {
-        await fuse.stop();
+        // qemu-nbd -t would otherwise outlive the row, holding the image's lock.
+        await fuse?.stop();
         await nbd.stop();
-        throw new Error(`nbdfuse: ${(e as Error).message}: ${fuse.stderr.trim()}`);
+        throw new Error(`nbdfuse: ${(e as Error).message}: ${fuse?.stderr.trim() ?? ""}`);
       }
+      const served = fuse;
       return {
         file: `${dir}/nbd`,
         teardown: async () => {
           await sh("umount", [dir]);
-          await fuse.stop();
+          await served.stop();
           await nbd.stop();
           if (isMountPoint(dir)) await sh("umount", ["-l", dir]);
         },

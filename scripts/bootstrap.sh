@@ -77,5 +77,6 @@ TAPD_RUNTIME_PACKAGES=(libaio.so.1:libaio1 liburing.so.2:liburing2)
 # Peers and tools the tests drive.
 TAPD_TEST_PACKAGES=(qemu-img:qemu-utils nbdinfo:libnbd-bin fio:fio gcc:gcc losetup:mount
   /usr/include/xen/io/ring.h:libxen-dev nbdkit:nbdkit mkfs.ext4:e2fsprogs)
-# What only the benchmarks need beyond that (bench/seed_table.ts installs these itself).
-TAPD_BENCH_PACKAGES=(bonnie++:bonnie++ qemu-storage-daemon:qemu-system-common)
+# What bench/seed_table.ts drives (it installs these itself, whether or not the tests ran first).
+TAPD_BENCH_PACKAGES=(bonnie++:bonnie++ qemu-storage-daemon:qemu-system-common qemu-nbd:qemu-utils
+  nbdfuse:libnbd-bin fio:fio mkfs.ext4:e2fsprogs losetup:mount)
