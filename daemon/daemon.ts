@@ -5,7 +5,6 @@
  * touched. A dead child's FUSE mount is aborted by the daemon (nobody is left waiting on it).
  */
 import type { Logger } from "../cli/log.ts";
-import { rawOverImage } from "../drivers/mod.ts";
 import { abortFuseMount } from "../fuse/export.ts";
 import { findMount, FUSE_TYPE } from "../fuse/mount.ts";
 import { TapdiskChild } from "./children.ts";
@@ -91,20 +90,15 @@ export class Daemon {
       switch (req.verb) {
         case "list":
           return { ok: true, disks: this.list() };
-        case "attach": {
-          const disk = await this.attach(req);
-          return withWarning({ ok: true, disk }, await rawOverImage(disk.spec, disk));
-        }
+        case "attach":
+          return { ok: true, ...await this.attach(req) };
         case "detach":
           await this.detach(req.id);
           return { ok: true };
         case "pause":
           return { ok: true, disk: await this.pause(req.id) };
-        case "resume": {
-          const disk = await this.resume(req.id, req.reopen);
-          const warning = req.reopen === null ? null : await rawOverImage(req.reopen, disk);
-          return withWarning({ ok: true, disk }, warning);
-        }
+        case "resume":
+          return { ok: true, ...await this.resume(req.id, req.reopen) };
         case "stats":
           return { ok: true, stats: await this.stats(req.id) };
       }
@@ -118,7 +112,7 @@ export class Daemon {
     return [...this.#disks.values()].map((e) => ({ ...e.record })).sort((a, b) => a.id - b.id);
   }
 
-  async attach(req: AttachRequest): Promise<DiskRecord> {
+  async attach(req: AttachRequest): Promise<Changed> {
     if (this.#stopping) throw new RequestError("the daemon is shutting down");
     const spec = checkSpec(req.spec);
     let nbd = checkNbd(req.nbd);
@@ -170,8 +164,10 @@ export class Daemon {
     this.#disks.set(id, entry);
     log.info("starting tapdisk", { tapdiskPid: child.pid, spec });
     child.exited.then((info) => this.#exited(entry, info.reason));
+    let warning: string | undefined;
     try {
       const ready = await child.ready;
+      warning = ready.warning;
       Object.assign(entry.record, {
         state: "running",
         exports: ready.exports,
@@ -184,7 +180,7 @@ export class Daemon {
       throw new RequestError(`attach ${spec}: ${(e as Error).message}`);
     }
     log.info("attached", { exports: entry.record.exports.join(" ") });
-    return { ...entry.record };
+    return withWarning({ disk: { ...entry.record } }, warning);
   }
 
   /** Refuses an address another live disk already serves on. */
@@ -278,7 +274,7 @@ export class Daemon {
     return { ...entry.record };
   }
 
-  async resume(id: number, reopen: string | null): Promise<DiskRecord> {
+  async resume(id: number, reopen: string | null): Promise<Changed> {
     const entry = this.#live(id);
     if (reopen !== null) {
       if (entry.record.state !== "paused") {
@@ -286,11 +282,11 @@ export class Daemon {
       }
       checkSpec(reopen);
     }
-    await this.#command(entry, "resume", reopen ?? undefined);
+    const reply = await this.#command(entry, "resume", reopen ?? undefined);
     entry.record.state = "running";
     if (reopen !== null) entry.record.spec = reopen;
     this.#log.info("resumed", { disk: id, spec: reopen ?? undefined });
-    return { ...entry.record };
+    return withWarning({ disk: { ...entry.record } }, reply.ok ? reply.warning : undefined);
   }
 
   async stats(id: number): Promise<DiskStats> {
@@ -360,7 +356,15 @@ function removeSocket(path: string): void {
   } catch { /* gone already */ }
 }
 
-/** The reply, with the tapdisk's warning about its spec (also in its log) for `ctl` to show. */
-function withWarning(reply: ControlReply & { ok: true }, warning: string | null): ControlReply {
-  return warning === null ? reply : { ...reply, warning };
+/**
+ * A disk just attached or resumed, with its tapdisk's warning about the spec (a writable raw
+ * spec over an image file), which `ctl` shows.
+ */
+export interface Changed {
+  disk: DiskRecord;
+  warning?: string;
+}
+
+function withWarning(changed: Changed, warning: string | undefined): Changed {
+  return warning === undefined ? changed : { ...changed, warning };
 }

@@ -27,9 +27,10 @@ async function run(server: TapdiskServer, c: TapdiskCommand): Promise<TapdiskRep
       case "pause":
         await server.pause();
         return { seq: c.seq, ok: true };
-      case "resume":
-        await server.resume(c.reopen);
-        return { seq: c.seq, ok: true };
+      case "resume": {
+        const warning = await server.resume(c.reopen);
+        return warning === null ? { seq: c.seq, ok: true } : { seq: c.seq, ok: true, warning };
+      }
       case "stats":
         return { seq: c.seq, ok: true, stats: server.stats() };
       case "stop":

@@ -5,6 +5,7 @@
  *   daemon → tapdisk   {"seq":3,"cmd":"pause"}  {"seq":4,"cmd":"resume","reopen":"tap:qcow:/o"}
  *                      {"seq":5,"cmd":"stats"}  {"seq":6,"cmd":"stop"}
  *   tapdisk → daemon   {"event":"ready","size":…,"exports":[…],"uris":[…]}   once serving
+ *                      (ready, and a resume's reply, may carry "warning": see rawOverImage)
  *                      {"event":"error","error":"…"}                          could not start
  *                      {"event":"ended","export":"xen:3:xvdb","reason":"…"}   one export ended
  *                                                    on its own (the Xen guest is gone)
@@ -32,6 +33,8 @@ export interface ReadyEvent {
   /** ring:unix:PATH, unix:PATH, tcp:HOST:PORT (the bound port), fuse:PATH, xen:DOMID:VDEV. */
   exports: string[];
   uris: string[];
+  /** Something the user should know about the spec (a raw spec over an image file). */
+  warning?: string;
 }
 
 /** An export that ended while the disk goes on serving (its Xen guest was destroyed). */
@@ -42,7 +45,7 @@ export interface EndedEvent {
 }
 
 export type TapdiskReply =
-  | { seq: number; ok: true; stats?: GateStats }
+  | { seq: number; ok: true; stats?: GateStats; warning?: string }
   | {
     seq: number;
     ok: false;

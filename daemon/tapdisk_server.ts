@@ -55,6 +55,8 @@ export interface Serving {
   /** ring:unix:PATH, unix:PATH, tcp:HOST:PORT (the bound port), fuse:PATH, xen:DOMID:VDEV. */
   exports: string[];
   uris: string[];
+  /** The spec's warning, also logged (a writable raw spec over an image file). */
+  warning?: string;
 }
 
 export class TapdiskServer {
@@ -82,7 +84,7 @@ export class TapdiskServer {
   /** Opens the disk and starts every export; on failure, undoes what was started and throws. */
   async start(): Promise<Serving> {
     const o = this.#options;
-    await this.#warnRawOverImage(o.spec);
+    const warning = await this.#warnRawOverImage(o.spec);
     const disk = await openDisk(o.spec, {
       readOnly: o.readOnly,
       engine: o.engine,
@@ -139,7 +141,9 @@ export class TapdiskServer {
       throw e;
     }
     this.#log.info("serving", { spec: o.spec, size: gate.size, exports: exports.join(" ") });
-    return { size: gate.size, exports, uris };
+    return warning === null
+      ? { size: gate.size, exports, uris }
+      : { size: gate.size, exports, uris, warning };
   }
 
   /**
@@ -212,16 +216,19 @@ export class TapdiskServer {
     this.#log.info("paused");
   }
 
-  /** Continues; with `reopen`, on that image (same size, same read-only flag). */
-  async resume(reopen?: string): Promise<void> {
+  /**
+   * Continues; with `reopen`, on that image (same size, same read-only flag). Returns the new
+   * spec's warning, if it has one.
+   */
+  async resume(reopen?: string): Promise<string | null> {
     const gate = this.#requireGate();
     if (reopen === undefined) {
       await gate.resume();
       this.#log.info("resumed");
-      return;
+      return null;
     }
     if (!gate.paused) throw new Error("resume --reopen: the disk is not paused (pause it first)");
-    await this.#warnRawOverImage(reopen);
+    const warning = await this.#warnRawOverImage(reopen);
     const next = await openDisk(reopen, {
       readOnly: this.#options.readOnly,
       engine: this.#options.engine,
@@ -235,11 +242,13 @@ export class TapdiskServer {
       throw e;
     }
     this.#log.info("resumed on a new image", { spec: reopen });
+    return warning;
   }
 
-  async #warnRawOverImage(spec: string): Promise<void> {
-    const mismatch = await rawOverImage(spec, { readOnly: this.#options.readOnly });
-    if (mismatch !== null) this.#log.warn(mismatch);
+  async #warnRawOverImage(spec: string): Promise<string | null> {
+    const warning = await rawOverImage(spec, { readOnly: this.#options.readOnly });
+    if (warning !== null) this.#log.warn(warning);
+    return warning;
   }
 
   stats(): GateStats {

@@ -69,14 +69,14 @@ async function attachDefault(daemon: Daemon, dir: string, port: number, log: Log
   const image = await ensureDefaultQcow(dir);
   Deno.mkdirSync(`${dir}/nbd`, { recursive: true });
   try {
-    return await daemon.attach({
+    return (await daemon.attach({
       spec: `tap:qcow:${image}`,
       nbd: [`tcp:127.0.0.1:${port}`, `unix:${dir}/nbd/default.sock`],
       ring: null,
       fuse: null,
       xen: null,
       readOnly: false,
-    });
+    })).disk;
   } catch (e) {
     log.error("cannot serve the default disk", { error: (e as Error).message });
     throw new Error(

@@ -56,3 +56,18 @@ Deno.test("tapd ctl attach tap:aio over a qcow image prints the warning; tap:qco
     assert.equal(ro.stderr, "");
   });
 });
+
+Deno.test("tapd ctl resume --reopen onto a raw spec over a qcow image prints the warning", async () => {
+  await withDaemon(async (d) => {
+    const { qcow, raw } = await qcowAndRaw(d.dir);
+    // A raw file of the qcow file's size, so that the reopened disk keeps the size.
+    Deno.writeFileSync(raw, new Uint8Array(Deno.statSync(qcow).size));
+    await d.ctlOk("attach", `tap:aio:${raw}`);
+    await d.ctlOk("pause", "0");
+    const resumed = await d.ctlOk("resume", "0", "--reopen", `tap:aio:${qcow}`);
+    assert.match(resumed.stderr, /^tapd ctl: warning: .*holds a qcow image, served as raw/m);
+    await d.ctlOk("pause", "0");
+    const back = await d.ctlOk("resume", "0", "--reopen", `tap:aio:${raw}`);
+    assert.equal(back.stderr, "");
+  });
+});
