@@ -5,6 +5,8 @@
  *
  *   native           ext4 on `losetup --direct-io=on` over the raw file itself
  *   tapd aio         … over `tapd serve tap:aio:RAW --fuse FILE`
+ *   tapd aio passthrough … over `tapd serve tap:aio:RAW --fuse FILE --passthrough` (the kernel
+ *                    reads and writes RAW itself; tapd serves attributes, fsync, discard, seeks)
  *   tapd qcow        … over `tapd serve tap:qcow:QCOW --fuse FILE` (a sparse qcow image)
  *   nbdfuse+qemu-nbd … over nbdfuse's file, connected to `qemu-nbd --cache=none` on the raw file
  *   qsd fuse         … over `qemu-storage-daemon --export type=fuse` of the raw file
@@ -142,15 +144,16 @@ interface Kind {
   setup(work: string, raw: string): Promise<{ file: string; teardown: () => Promise<void> }>;
 }
 
-async function tapdServe(spec: string, file: string) {
+async function tapdServe(spec: string, file: string, extra: string[] = []) {
   Deno.writeFileSync(file, new Uint8Array(0));
-  const p = new Background(`${ROOT}tapd`, ["serve", spec, "--fuse", file]);
+  const p = new Background(`${ROOT}tapd`, ["serve", spec, "--fuse", file, ...extra]);
   await waitFor("tapd serve to mount", () => isMountPoint(file)).catch((e) => {
     throw new Error(`${(e as Error).message}: ${p.stderr.trim().split("\n").pop()}`);
   });
   await sleep(200);
   return {
     file,
+    stderr: () => p.stderr,
     teardown: async () => {
       await p.stop();
       if (isMountPoint(file)) await sh("umount", ["-l", file]);
@@ -166,6 +169,18 @@ const KINDS: Kind[] = [
   {
     name: "tapd aio",
     setup: (work, raw) => tapdServe(`tap:aio:${raw}`, `${work}/tapd-aio.file`),
+  },
+  {
+    // The kernel reads and writes the raw file itself (Linux 6.9+); tapd serves the rest.
+    name: "tapd aio passthrough",
+    async setup(work, raw) {
+      const served = await tapdServe(`tap:aio:${raw}`, `${work}/tapd-pt.file`, ["--passthrough"]);
+      if (!/passthrough=true/.test(served.stderr())) {
+        await served.teardown();
+        throw new Error("this kernel has no FUSE passthrough (Linux 6.9+)");
+      }
+      return served;
+    },
   },
   {
     name: "tapd qcow",

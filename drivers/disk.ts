@@ -3,6 +3,7 @@
  * read-only, closed), so drivers only implement the happy path. Exports (NBD, the ring, FUSE)
  * and tools all talk to a Disk.
  */
+import type { FileHandle } from "../ffi/file.ts";
 import { type Buffers, byteLength } from "../io/engine.ts";
 import type { DiskDone, DiskImpl, DiskInfo, Extent } from "./driver.ts";
 import { DiskError } from "./errors.ts";
@@ -72,6 +73,11 @@ export class Disk implements AsyncDisposable {
   blockStatus(offset: number, length: number): Promise<Extent[]> {
     return this.#check("block status", offset, length, false) ??
       this.#track(this.#impl.blockStatus(offset, length));
+  }
+
+  /** The file holding the disk byte for byte, if its driver has one (DiskImpl.passthroughFile). */
+  passthroughFile(): FileHandle | null {
+    return this.#impl.passthroughFile?.() ?? null;
   }
 
   /** Refuses new requests, waits for those in flight, and closes the driver. Idempotent. */

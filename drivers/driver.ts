@@ -12,6 +12,7 @@
  * Buffers are Uint8Arrays; views over BufferPool memory reach the kernel without a copy.
  * Errors are thrown as SysError (from the kernel) or DiskError (from the driver's own checks).
  */
+import type { FileHandle } from "../ffi/file.ts";
 import type { Buffers, EngineKind } from "../io/engine.ts";
 import type { Disk } from "./disk.ts";
 
@@ -71,6 +72,12 @@ export interface DiskImpl {
   blockStatus(offset: number, length: number): Promise<Extent[]>;
   /** Waits for requests in flight, releases everything. */
   close(): Promise<void>;
+  /**
+   * Optional: the open file that holds this disk byte for byte (a raw image whose size is the
+   * disk's), so that an export may let the kernel read and write it directly (FUSE passthrough).
+   * Drivers that map, cache or count their data leave it out.
+   */
+  passthroughFile?(): FileHandle | null;
 }
 
 /** How to open a disk; drivers ignore what does not apply to them. */

@@ -86,6 +86,10 @@ export class RawDisk implements DiskImpl {
     }
   }
 
+  passthroughFile(): FileHandle | null {
+    return this.#fileSize === this.info.size ? this.#file : null;
+  }
+
   async read(offset: number, bufs: Buffers): Promise<void> {
     const got = await this.#engine.read(this.#file, offset, bufs);
     this.#checkRead(offset, bufs, got);

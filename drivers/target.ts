@@ -2,6 +2,7 @@
  * BlockTarget: what an export (NBD, the blkif ring, FUSE) serves. A Disk is one; so is a
  * DiskGate (serve/gate.ts), which adds pause, resume-on-a-new-image and statistics in front.
  */
+import type { FileHandle } from "../ffi/file.ts";
 import type { Buffers } from "../io/engine.ts";
 import type { DiskDone, DiskInfo, Extent } from "./driver.ts";
 
@@ -18,4 +19,9 @@ export interface BlockTarget {
   discard(offset: number, length: number): Promise<void>;
   writeZeroes(offset: number, length: number, options?: { mayUnmap?: boolean }): Promise<void>;
   blockStatus(offset: number, length: number): Promise<Extent[]>;
+  /**
+   * Optional: the file that holds the disk byte for byte (Disk.passthroughFile); a front that
+   * pauses or counts requests leaves it out, since passthrough I/O never reaches it.
+   */
+  passthroughFile?(): FileHandle | null;
 }

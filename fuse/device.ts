@@ -10,6 +10,7 @@ import { lastErrno, SysError } from "../ffi/errno.ts";
 import { FileHandle } from "../ffi/file.ts";
 import { libc } from "../ffi/libc.ts";
 import { EAGAIN, EINTR, ENOENT, O_RDWR } from "../ffi/constants.ts";
+import { BACKING_MAP_SIZE, FUSE_DEV_IOC_BACKING_OPEN } from "./protocol.ts";
 
 const O_NONBLOCK = 0o4000;
 const POLLIN = 0x1;
@@ -71,6 +72,18 @@ export class FuseDevice implements Disposable {
     const errno = lastErrno();
     if (errno === ENOENT || errno === ENODEV || errno === ECONNABORTED) return false;
     throw new SysError(errno, "write", "/dev/fuse");
+  }
+
+  /**
+   * Registers `fd` as a backing file for passthrough opens (FUSE_DEV_IOC_BACKING_OPEN); returns
+   * its id. Only after INIT has negotiated passthrough; the connection drops it when it ends.
+   */
+  openBacking(fd: number): number {
+    const map = new Int32Array(BACKING_MAP_SIZE / 4);
+    map[0] = fd;
+    const id = libc.ioctl(this.handle.fd, BigInt(FUSE_DEV_IOC_BACKING_OPEN), map);
+    if (id < 0) throw new SysError(lastErrno(), "ioctl(FUSE_DEV_IOC_BACKING_OPEN)", "/dev/fuse");
+    return id;
   }
 
   [Symbol.dispose](): void {

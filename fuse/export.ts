@@ -11,7 +11,9 @@
  */
 import { type Logger, silentLogger } from "../cli/log.ts";
 import type { BlockTarget } from "../drivers/target.ts";
+import { O_RDONLY, O_RDWR } from "../ffi/constants.ts";
 import { SysError } from "../ffi/errno.ts";
+import { FileHandle } from "../ffi/file.ts";
 import { FileAttributes } from "./attributes.ts";
 import { FuseDevice, setIoFlusher } from "./device.ts";
 import {
@@ -42,6 +44,13 @@ export interface FuseExportOptions {
   maxRequests?: number;
   /** Look for requests instead of sleeping until this many µs pass without one (default 0). */
   pollMicros?: number;
+  /**
+   * FUSE passthrough (Linux 6.9+): opens of the file read and write the raw image directly in
+   * the kernel, as a loop device on the image would; only the other operations reach tapd. The
+   * target must be a raw disk (BlockTarget.passthroughFile); its reads and writes then bypass
+   * tapd (no statistics, no pause). Where the kernel refuses, tapd serves everything and says so.
+   */
+  passthrough?: boolean;
 }
 
 export interface FuseCloseOptions {
@@ -70,6 +79,7 @@ export class FuseExport {
   readonly #maxRequests: number | undefined;
   readonly #directIo: boolean;
   readonly #pollMicros: number;
+  readonly #passthrough: boolean;
   /** The resolved mount point, once mounted. */
   #mountPoint: string | null = null;
   #mount: MountInfo | null = null;
@@ -87,6 +97,12 @@ export class FuseExport {
     this.#maxRequests = options.maxRequests;
     this.#directIo = options.directIo ?? false;
     this.#pollMicros = options.pollMicros ?? 0;
+    this.#passthrough = options.passthrough ?? false;
+  }
+
+  /** Reads and writes of the file go to the raw image in the kernel (FUSE passthrough). */
+  get passthrough(): boolean {
+    return this.#session?.passthrough ?? false;
   }
 
   /**
@@ -98,6 +114,7 @@ export class FuseExport {
       throw new Error(`FUSE export "${this.path}" was already mounted`);
     }
     const point = checkMountPoint(this.path);
+    const backing = this.#passthrough ? this.#openBacking() : null;
     const device = new FuseDevice();
     let session: FuseSession;
     try {
@@ -115,6 +132,7 @@ export class FuseExport {
         log: this.#log,
         maxRequests: this.#maxRequests,
         pollMicros: this.#pollMicros,
+        backingFd: backing?.fd,
       });
       mountFuse(point.path, {
         fd: device.fd,
@@ -124,6 +142,7 @@ export class FuseExport {
       });
     } catch (e) {
       device[Symbol.dispose]();
+      backing?.close();
       throw e;
     }
     this.#mountPoint = point.path;
@@ -136,6 +155,7 @@ export class FuseExport {
     }).finally(() => {
       session[Symbol.dispose]();
       device[Symbol.dispose]();
+      backing?.close();
       this.#log.info("unmounted", { requests: session.requests });
       this.#endedFlag = true;
       this.#ended.resolve();
@@ -156,11 +176,33 @@ export class FuseExport {
     } finally {
       clearTimeout(timer);
     }
+    if (session.passthroughRefused !== null) {
+      this.#log.warn("FUSE passthrough is off: tapd serves reads and writes itself", {
+        reason: session.passthroughRefused,
+      });
+    }
     this.#log.info("mounted", {
       disk: this.target.name,
       size: this.target.size,
       readOnly: this.readOnly,
+      ...(this.#passthrough ? { passthrough: session.passthrough } : {}),
     });
+  }
+
+  /**
+   * A second descriptor of the raw image for the kernel's passthrough I/O, without the disk's
+   * O_DIRECT: a direct opener of the export (a loop device) still gets direct I/O, and a buffered
+   * one (dd, cp, an mmap) gets the image's page cache instead of EINVAL on unaligned requests.
+   */
+  #openBacking(): FileHandle {
+    const file = this.target.passthroughFile?.() ?? null;
+    if (file === null) {
+      throw new Error(
+        `FUSE passthrough needs a raw disk (tap:aio or tap:sync on a file or device whose size ` +
+          `is a whole number of sectors); "${this.target.name}" is mapped by tapd`,
+      );
+    }
+    return FileHandle.open(`/proc/self/fd/${file.fd}`, this.readOnly ? O_RDONLY : O_RDWR);
   }
 
   /** True from mount() until the connection ends. */

@@ -57,6 +57,14 @@ export const INIT_FLAG = {
   ASYNC_DIO: 1 << 15,
   PARALLEL_DIROPS: 1 << 18,
   MAX_PAGES: 1 << 22,
+  /** flags2 is meaningful (fuse_init_in.flags2, fuse_init_out.flags2). */
+  INIT_EXT: 1 << 30,
+} as const;
+
+/** flags2 bits (bit 32 + n of the 64-bit flag set). */
+export const INIT_FLAG2 = {
+  /** Opens may name a backing file that the kernel reads and writes itself (Linux 6.9+). */
+  PASSTHROUGH: 1 << 5,
 } as const;
 
 /** What tapd asks for (masked by the kernel's offer): no writeback cache, no splice, no locks. */
@@ -64,7 +72,7 @@ export const WANTED_INIT_FLAGS = INIT_FLAG.ASYNC_READ | INIT_FLAG.BIG_WRITES |
   INIT_FLAG.ASYNC_DIO | INIT_FLAG.PARALLEL_DIROPS | INIT_FLAG.MAX_PAGES;
 
 /** fuse_init_in: major, minor, max_readahead, flags at these offsets of the body. */
-export const INIT_IN = { major: 0, minor: 4, maxReadahead: 8, flags: 12 } as const;
+export const INIT_IN = { major: 0, minor: 4, maxReadahead: 8, flags: 12, flags2: 16 } as const;
 
 /** fuse_init_out (64 bytes; 24 for kernel minors below 23). */
 export const INIT_OUT = {
@@ -79,6 +87,9 @@ export const INIT_OUT = {
   maxWrite: 20,
   timeGran: 24,
   maxPages: 28,
+  flags2: 32,
+  /** How deep file systems may stack over the backing files of passthrough opens. */
+  maxStackDepth: 36,
 } as const;
 
 /** fuse_attr (88 bytes), inside attr_out at 16 and entry_out at 40. */
@@ -130,12 +141,27 @@ export const FATTR = {
   CTIME: 1024,
 } as const;
 
-/** fuse_open_in (8): flags u32 (the open(2) flags). fuse_open_out (16): fh u64, open_flags u32. */
+/**
+ * fuse_open_in (8): flags u32 (the open(2) flags). fuse_open_out (16): fh u64, open_flags u32,
+ * backing_id i32 (with FOPEN.PASSTHROUGH).
+ */
 export const OPEN_IN = { flags: 0 } as const;
-export const OPEN_OUT = { size: 16, fh: 0, openFlags: 8 } as const;
+export const OPEN_OUT = { size: 16, fh: 0, openFlags: 8, backingId: 12 } as const;
 
 /** FOPEN flags. */
-export const FOPEN = { DIRECT_IO: 0x01, KEEP_CACHE: 0x02, PARALLEL_DIRECT_WRITES: 0x40 } as const;
+export const FOPEN = {
+  DIRECT_IO: 0x01,
+  KEEP_CACHE: 0x02,
+  PARALLEL_DIRECT_WRITES: 0x40,
+  PASSTHROUGH: 0x80,
+} as const;
+
+/**
+ * FUSE_DEV_IOC_BACKING_OPEN = _IOW(229, 1, struct fuse_backing_map { i32 fd; u32 flags; u64 }):
+ * registers a backing file on the connection and returns its id (needs CAP_SYS_ADMIN).
+ */
+export const FUSE_DEV_IOC_BACKING_OPEN = 0x4010e501;
+export const BACKING_MAP_SIZE = 16;
 
 /** fuse_read_in / fuse_write_in (40 bytes each): fh, offset u64 @8, size u32 @16. */
 export const RW_IN = { size: 40, offset: 8, length: 16 } as const;

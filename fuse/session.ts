@@ -17,6 +17,8 @@ import {
   FALLOCATE_IN,
   FOPEN,
   IN_HEADER,
+  INIT_FLAG,
+  INIT_FLAG2,
   INIT_IN,
   INIT_OUT,
   INTERRUPT_IN,
@@ -83,6 +85,13 @@ export interface SessionOptions {
    * until this many µs pass without a request arriving or being answered (default 0).
    */
   pollMicros?: number;
+  /**
+   * A descriptor of the file holding the disk byte for byte: ask the kernel for passthrough
+   * (Linux 6.9+), so that opens of the export read and write this file themselves and only the
+   * other operations (attributes, fsync, fallocate, lseek) come here. Without kernel support the
+   * session serves everything itself (`passthrough` says which).
+   */
+  backingFd?: number;
 }
 
 /** The errno to answer for a failed operation. */
@@ -119,6 +128,11 @@ export class FuseSession {
   #idle: (() => void) | null = null;
   #nextHandle = 1n;
   #initialized = Promise.withResolvers<void>();
+  readonly #backingFd: number | null;
+  /** The backing file's id on this connection once passthrough is set up, else 0. */
+  #backingId = 0;
+  /** Why passthrough was asked for and is off, once INIT has been answered. */
+  passthroughRefused: string | null = null;
   /** Requests read so far. */
   requests = 0;
 
@@ -133,6 +147,12 @@ export class FuseSession {
     this.#log = options.log;
     this.#slots = new SlotPool(options.maxRequests ?? 2 * MAX_BACKGROUND);
     this.#poll = options.pollMicros ? new PollWindow(options.pollMicros) : null;
+    this.#backingFd = options.backingFd ?? null;
+  }
+
+  /** Opens are passthrough: the kernel reads and writes the backing file itself. */
+  get passthrough(): boolean {
+    return this.#backingId > 0;
   }
 
   /** Resolves once the kernel's INIT has been answered (the mount is usable from then on). */
@@ -375,8 +395,21 @@ export class FuseSession {
       });
     }
     const kernelFlags = v.getUint32(b + INIT_IN.flags, true);
-    const flags = (WANTED_INIT_FLAGS & kernelFlags) >>> 0;
+    let flags = (WANTED_INIT_FLAGS & kernelFlags) >>> 0;
     const size = minor < 5 ? 8 : minor < 23 ? INIT_OUT.compatSize : INIT_OUT.size;
+    let flags2 = 0;
+    if (this.#backingFd !== null) {
+      const kernelFlags2 = req.length >= INIT_IN.flags2 + 4 + IN_HEADER.size &&
+          (kernelFlags & INIT_FLAG.INIT_EXT) !== 0
+        ? v.getUint32(b + INIT_IN.flags2, true)
+        : 0;
+      if ((kernelFlags2 & INIT_FLAG2.PASSTHROUGH) !== 0 && size === INIT_OUT.size) {
+        flags = (flags | INIT_FLAG.INIT_EXT) >>> 0;
+        flags2 = INIT_FLAG2.PASSTHROUGH;
+      } else {
+        this.passthroughRefused = "the kernel does not offer FUSE passthrough (Linux 6.9+)";
+      }
+    }
     this.#reply(req, size, (o, at) => {
       o.setUint32(at + INIT_OUT.major, KERNEL_MAJOR, true);
       o.setUint32(at + INIT_OUT.minor, Math.min(minor, OUR_MINOR), true);
@@ -389,8 +422,21 @@ export class FuseSession {
       if (size === INIT_OUT.size) {
         o.setUint32(at + INIT_OUT.timeGran, 1, true);
         o.setUint16(at + INIT_OUT.maxPages, MAX_PAGES, true);
+        if (flags2 !== 0) {
+          o.setUint32(at + INIT_OUT.flags2, flags2, true);
+          // The backing file's own file system (depth 0) may sit under this one, no deeper.
+          o.setUint32(at + INIT_OUT.maxStackDepth, 1, true);
+        }
       }
     });
+    if (flags2 !== 0) {
+      // The kernel applied the reply within write(2): the connection takes backing files now.
+      try {
+        this.#backingId = this.#device.openBacking(this.#backingFd!);
+      } catch (e) {
+        this.passthroughRefused = (e as Error).message;
+      }
+    }
     this.#log.debug("connection initialized", {
       kernel: `${major}.${minor}`,
       protocol: `${KERNEL_MAJOR}.${Math.min(minor, OUR_MINOR)}`,
@@ -474,9 +520,17 @@ export class FuseSession {
     const flags = req.slot.view.getUint32(req.body + OPEN_IN.flags, true);
     if (this.#readOnly && (flags & O_ACCMODE) !== 0) return this.#error(req, EROFS);
     const fh = this.#nextHandle++;
+    const backingId = this.#backingId;
     this.#reply(req, OPEN_OUT.size, (o, at) => {
       o.setBigUint64(at + OPEN_OUT.fh, fh, true);
-      o.setUint32(at + OPEN_OUT.openFlags, this.#openFlags, true);
+      if (backingId > 0) {
+        // Reads, writes and mmap of this open go to the backing file, not here.
+        const flags = (this.#openFlags & ~FOPEN.DIRECT_IO) | FOPEN.PASSTHROUGH;
+        o.setUint32(at + OPEN_OUT.openFlags, flags, true);
+        o.setInt32(at + OPEN_OUT.backingId, backingId, true);
+      } else {
+        o.setUint32(at + OPEN_OUT.openFlags, this.#openFlags, true);
+      }
     });
   }
 
