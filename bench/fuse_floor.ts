@@ -8,6 +8,7 @@
  *              loop → FUSE → server → reply, the most any FUSE server could reach here
  *   tapd ram   `tapd serve tap:ram:… --fuse`: tapd's request path with memory behind it
  *   tapd aio   `tapd serve tap:aio:RAW --fuse`: the seed table's tapd aio row, on the loop device
+ *   tapd aio passthrough   the same with `--passthrough`: the kernel reads and writes RAW itself
  *
  * each with its ratio to the same round's native figure. Run as root:
  *   deno task bench:fuse-floor [--rounds N] [--seconds S] [--dir DIR]
@@ -72,7 +73,9 @@ async function serve(cmd: string, args: string[], file: string): Promise<() => P
   }
   return async () => {
     if (cmd.endsWith("fuse_floor")) await run("umount", [file]); // it serves until unmounted
-    else child.kill("SIGTERM");
+    try {
+      child.kill("SIGTERM");
+    } catch { /* already gone */ }
     await child.status;
   };
 }
@@ -142,6 +145,17 @@ try {
       start: async () => [
         file,
         await serve(`${ROOT}tapd`, ["serve", `tap:aio:${raw}`, "--fuse", file], file),
+      ],
+    },
+    {
+      name: "tapd aio passthrough",
+      start: async () => [
+        file,
+        await serve(
+          `${ROOT}tapd`,
+          ["serve", `tap:aio:${raw}`, "--fuse", file, "--passthrough"],
+          file,
+        ),
       ],
     },
   ];
