@@ -30,6 +30,8 @@ export type ControlRequest =
     readOnly: boolean;
     /** tapdisk's --poll-us (0: sleep until woken). */
     pollMicros: number;
+    /** FUSE passthrough for the `fuse` export (a raw disk; it cannot be paused then). */
+    passthrough: boolean;
   }
   | { verb: "list" }
   | { verb: "detach" | "pause" | "stats"; id: number }
@@ -152,6 +154,7 @@ export function parseRequest(line: string): ControlRequest {
         xen: field<string | null>(req, "xen", "string", null),
         readOnly: field<boolean>(req, "readOnly", "boolean", false),
         pollMicros: pollMicros(req),
+        passthrough: field<boolean>(req, "passthrough", "boolean", false),
       };
     }
     default:

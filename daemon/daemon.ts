@@ -45,6 +45,8 @@ export interface AttachRequest {
   readOnly: boolean;
   /** tapdisk's --poll-us (0 or absent: sleep until woken). */
   pollMicros?: number;
+  /** FUSE passthrough for the `fuse` export (absent: off). */
+  passthrough?: boolean;
 }
 
 interface Entry {
@@ -136,6 +138,10 @@ export class Daemon {
     for (const address of nbd) args.push("--nbd", address);
     if (ring !== null) args.push("--ring", `unix:${ring}`);
     if (fuse !== null) args.push("--fuse", fuse);
+    if (req.passthrough) {
+      if (fuse === null) throw new Error("attach: passthrough is an option of a FUSE export");
+      args.push("--passthrough");
+    }
     if (xen !== null) args.push("--xen", formatXenTarget(xen));
     if (req.readOnly) args.push("--read-only");
     if (req.pollMicros) args.push("--poll-us", String(req.pollMicros));

@@ -28,6 +28,8 @@ export interface TapdiskOptions {
   nbd: NbdAddress[];
   /** A regular file to mount the disk over (FUSE), or null. */
   fuse: string | null;
+  /** FUSE passthrough for `fuse` (a raw disk): its reads and writes bypass the gate. */
+  passthrough?: boolean;
   /** A Xen guest device to serve the disk to (from dom0), or null. */
   xen: XenTarget | null;
   /** xenstored's socket, or the xenbus device if it starts with /dev/ (default: either). */
@@ -125,6 +127,7 @@ export class TapdiskServer {
           directIo: o.nbd.length > 0 || o.ring !== null,
           log: this.#log.with({ component: "fuse" }),
           pollMicros: o.pollMicros,
+          passthrough: o.passthrough,
         });
         await fuse.mount();
         this.#fuse = fuse;
@@ -212,7 +215,14 @@ export class TapdiskServer {
 
   /** Holds new requests, waits for those in flight and flushes. */
   async pause(): Promise<void> {
-    await this.#requireGate().pause();
+    const gate = this.#requireGate();
+    if (this.#fuse?.passthrough) {
+      throw new Error(
+        "cannot pause: the kernel writes this disk's image directly (FUSE passthrough); " +
+          "attach it without --passthrough to pause it",
+      );
+    }
+    await gate.pause();
     this.#log.info("paused");
   }
 

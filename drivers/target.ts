@@ -20,8 +20,9 @@ export interface BlockTarget {
   writeZeroes(offset: number, length: number, options?: { mayUnmap?: boolean }): Promise<void>;
   blockStatus(offset: number, length: number): Promise<Extent[]>;
   /**
-   * Optional: the file that holds the disk byte for byte (Disk.passthroughFile); a front that
-   * pauses or counts requests leaves it out, since passthrough I/O never reaches it.
+   * Optional: the file that holds the disk byte for byte (Disk.passthroughFile), for FUSE
+   * passthrough. I/O through it never reaches this target: a front that pauses or counts
+   * requests (DiskGate) must refuse to pause while a passthrough export is mounted.
    */
   passthroughFile?(): FileHandle | null;
 }

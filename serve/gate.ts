@@ -5,6 +5,7 @@
  * flow: pause, make an overlay whose backing file is the old image, resume on the overlay).
  */
 import type { Disk } from "../drivers/disk.ts";
+import type { FileHandle } from "../ffi/file.ts";
 import type { DiskDone, DiskInfo, Extent } from "../drivers/driver.ts";
 import { DiskError } from "../drivers/errors.ts";
 import type { BlockTarget } from "../drivers/target.ts";
@@ -50,6 +51,14 @@ export class DiskGate implements BlockTarget {
 
   get paused(): boolean {
     return this.#held !== null;
+  }
+
+  /**
+   * The disk's file for FUSE passthrough: reads and writes through it never pass the gate, so
+   * they are neither counted nor held (the tapdisk refuses to pause such a disk).
+   */
+  passthroughFile(): FileHandle | null {
+    return this.#disk.passthroughFile();
   }
 
   read(offset: number, bufs: Buffers): Promise<void> {

@@ -11,7 +11,7 @@ import { defaultControlSocket } from "../daemon/paths.ts";
 import { parseDiskSpec } from "../drivers/mod.ts";
 
 const OPTIONS_OF: Readonly<Record<string, readonly string[]>> = {
-  attach: ["nbd", "ring", "fuse", "xen", "read-only", "poll-us", "json"],
+  attach: ["nbd", "ring", "fuse", "passthrough", "xen", "read-only", "poll-us", "json"],
   list: ["json"],
   detach: [],
   pause: ["json"],
@@ -60,11 +60,13 @@ export const ctlCommand: Command = {
   summary: "control a running tapd daemon: attach, list, detach, pause, resume, stats",
   usage: `Usage: tapd ctl [--control SOCK] COMMAND [ARGUMENTS]
 
-  attach SPEC [--nbd ADDR …] [--ring unix:PATH] [--fuse PATH] [--xen DOMID[:VDEV]]
-              [--read-only] [--poll-us N]
+  attach SPEC [--nbd ADDR …] [--ring unix:PATH] [--fuse PATH [--passthrough]]
+              [--xen DOMID[:VDEV]] [--read-only] [--poll-us N]
                       serve the disk SPEC (tap:TYPE:PATH) in a new tapdisk process; prints its
                       ID. ADDR: unix:PATH or tcp:HOST[:PORT]. --fuse PATH mounts the disk over
-                      the existing regular file PATH (use it with losetup --direct-io=on).
+                      the existing regular file PATH (use it with losetup --direct-io=on);
+                      --passthrough: for a raw disk, the kernel reads and writes the image
+                      itself (see tapd help serve); such a disk cannot be paused.
                       --xen 3:xvdb serves it to Xen domain 3 as its device xvdb (VDEV default
                       xvda; the daemon must run in dom0, see docs/xen.md). With no export
                       given it is served over NBD on STATE_DIR/nbd/ID.sock. --poll-us N: the
@@ -94,6 +96,7 @@ export const ctlCommand: Command = {
       xen: { type: "string" },
       "read-only": { type: "boolean" },
       "poll-us": { type: "string" },
+      passthrough: { type: "boolean" },
       reopen: { type: "string" },
       json: { type: "boolean", default: false },
     });
@@ -106,7 +109,16 @@ export const ctlCommand: Command = {
       );
     }
     for (
-      const name of ["nbd", "ring", "fuse", "xen", "read-only", "poll-us", "reopen"] as const
+      const name of [
+        "nbd",
+        "ring",
+        "fuse",
+        "passthrough",
+        "xen",
+        "read-only",
+        "poll-us",
+        "reopen",
+      ] as const
     ) {
       if (values[name] !== undefined && !allowed.includes(name)) {
         throw new UsageError(`ctl: ${verb} takes no --${name}`);
@@ -132,7 +144,11 @@ export const ctlCommand: Command = {
           xen: values.xen ?? null,
           readOnly: values["read-only"] ?? false,
           pollMicros: parsePollMicros(values["poll-us"]) ?? 0,
+          passthrough: values.passthrough ?? false,
         };
+        if (values.passthrough && values.fuse === undefined) {
+          throw new UsageError("ctl: attach: --passthrough is an option of --fuse PATH");
+        }
         break;
       case "list":
         request = { verb };

@@ -18,7 +18,7 @@ import { parseXenTarget, type XenTarget } from "../daemon/xen_target.ts";
 export const tapdiskCommand: Command = {
   name: "tapdisk",
   summary: "serve one disk on a blkif shared ring, NBD, a FUSE file and/or to a Xen guest",
-  usage: `Usage: tapd tapdisk SPEC [--ring unix:PATH] [--nbd ADDR …] [--fuse PATH]
+  usage: `Usage: tapd tapdisk SPEC [--ring unix:PATH] [--nbd ADDR …] [--fuse PATH [--passthrough]]
                     [--xen DOMID[:VDEV]] [--xenstore PATH] [--read-only]
                     [--export-name NAME] [--engine aio|uring|sync] [--poll-us N]
                     [--control stdio]
@@ -31,7 +31,9 @@ export:
   --nbd ADDR         an NBD listener, unix:PATH or tcp:HOST[:PORT] (repeatable); the export is
                      NAME (--export-name, default "") and the default export "".
   --fuse PATH        mount the disk over the existing regular file PATH (docs/fuse.md); with
-                     --ring or --nbd too, the file bypasses the page cache.
+                     --ring or --nbd too, the file bypasses the page cache. --passthrough:
+                     for a raw disk, the kernel reads and writes the image itself (see tapd
+                     help serve); pause is refused then (those writes cannot be held).
   --xen DOMID[:VDEV] serve the disk to Xen domain DOMID as its device VDEV (default xvda), as
                      \`tapd xen-backend\` does (docs/xen.md); dom0 only. --xenstore PATH (or
                      $TAPD_XENSTORE): xenstored's socket, or the xenbus device if under /dev/.
@@ -61,6 +63,7 @@ mount (its users get I/O errors). A \`stop\` command is refused instead, and the
       "export-name": { type: "string", default: "" },
       engine: { type: "string" },
       "poll-us": { type: "string" },
+      passthrough: { type: "boolean", default: false },
       control: { type: "string" },
     });
     if (positionals.length !== 1) throw new UsageError("tapdisk: expected one disk spec");
@@ -71,6 +74,9 @@ mount (its users get I/O errors). A \`stop\` command is refused instead, and the
     }
     const nbd = (values.nbd ?? []).map((a) => parseNbdAddress(a));
     if (values.fuse === "") throw new UsageError("tapdisk: --fuse needs a path");
+    if (values.passthrough && values.fuse === undefined) {
+      throw new UsageError("tapdisk: --passthrough is an option of --fuse PATH");
+    }
     let xen: XenTarget | null = null;
     if (values.xen !== undefined) {
       try {
@@ -114,6 +120,7 @@ mount (its users get I/O errors). A \`stop\` command is refused instead, and the
       ring: values.ring?.slice(5) ?? null,
       nbd,
       fuse: values.fuse ?? null,
+      passthrough: values.passthrough,
       xen,
       xenstore,
       xenUnplugTimeoutMs: unplugTimeout === undefined ? undefined : Number(unplugTimeout),

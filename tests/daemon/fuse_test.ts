@@ -214,3 +214,49 @@ Deno.test({
     });
   },
 });
+
+Deno.test({
+  name: "daemon: attach --fuse --passthrough: data reaches the image, pause is refused, detach",
+  ignore: skip !== null,
+  async fn() {
+    await withDaemon(async (d) => {
+      const img = rawImage(d, "p.img", 16 * MiB);
+      const mp = mountPointFile(`${d.dir}/p.disk`);
+      try {
+        const disk = await d.attach(img, "--fuse", mp, "--passthrough");
+        assert.equal(disk.state, "running");
+        assert.deepEqual(disk.exports, [`fuse:${mp}`]);
+        {
+          using f = Deno.openSync(mp, { read: true, write: true });
+          f.seekSync(2 * MiB + 7, Deno.SeekMode.Start);
+          assert.equal(f.writeSync(pattern(0x3c, 3000)), 3000);
+          f.syncSync();
+        }
+        assert.deepEqual(
+          Deno.readFileSync(img).subarray(2 * MiB + 7, 2 * MiB + 3007),
+          pattern(0x3c, 3000),
+        );
+        const paused = await d.ctl("pause", "0");
+        if (paused.code === 0) {
+          // A kernel without FUSE passthrough: tapd serves the file itself, and can pause it.
+          await d.ctlOk("resume", "0");
+        } else {
+          assert.equal(paused.code, 1);
+          assert.match(
+            paused.stderr,
+            /^tapd: ctl: .*cannot pause: the kernel writes this disk's image directly \(FUSE passthrough\); attach it without --passthrough to pause it\n$/,
+          );
+          assert.equal((await d.list())[0].state, "running");
+        }
+        const usage = await d.ctl("attach", img, "--passthrough");
+        assert.equal(usage.code, 2);
+        assert.match(usage.stderr, /--passthrough is an option of --fuse PATH/);
+        await d.ctlOk("detach", "0");
+        assert.equal(mountLine(mp), undefined);
+        assert.deepEqual(await d.list(), []);
+      } finally {
+        await cleanupMount(mp);
+      }
+    });
+  },
+});
