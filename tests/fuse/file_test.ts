@@ -22,6 +22,8 @@ import {
   fuseUnavailable,
   MiB,
   mountPointFile,
+  pread,
+  pwrite,
   rawImage,
   ROOT,
   run,
@@ -32,35 +34,6 @@ import {
 const SIZE = 32 * MiB;
 const skip = fuseUnavailable();
 
-function pread(path: string, offset: number, length: number): Uint8Array {
-  const f = Deno.openSync(path, { read: true });
-  try {
-    f.seekSync(offset, Deno.SeekMode.Start);
-    const buf = new Uint8Array(length);
-    let got = 0;
-    while (got < length) {
-      const n = f.readSync(buf.subarray(got));
-      if (n === null) break;
-      got += n;
-    }
-    return buf.subarray(0, got);
-  } finally {
-    f.close();
-  }
-}
-
-function pwrite(path: string, offset: number, data: Uint8Array): void {
-  const f = Deno.openSync(path, { write: true });
-  try {
-    f.seekSync(offset, Deno.SeekMode.Start);
-    let done = 0;
-    while (done < data.length) done += f.writeSync(data.subarray(done));
-  } finally {
-    f.close();
-  }
-}
-
-/** Runs `fn` and checks that it throws an error whose message matches `pattern`. */
 async function throwsMatching(
   fn: () => unknown | Promise<unknown>,
   pattern: RegExp,

@@ -298,3 +298,25 @@ export async function eventually(cond: () => boolean, ms: number): Promise<boole
   for (const end = Date.now() + ms; Date.now() < end; await sleep(100)) if (cond()) return true;
   return cond();
 }
+
+/** Reads up to `length` bytes of `path` at `offset` (short at its end). */
+export function pread(path: string, offset: number, length: number): Uint8Array {
+  using f = Deno.openSync(path, { read: true });
+  f.seekSync(offset, Deno.SeekMode.Start);
+  const buf = new Uint8Array(length);
+  let got = 0;
+  while (got < length) {
+    const n = f.readSync(buf.subarray(got));
+    if (n === null) break;
+    got += n;
+  }
+  return buf.subarray(0, got);
+}
+
+/** Writes all of `data` to `path` at `offset`. */
+export function pwrite(path: string, offset: number, data: Uint8Array): void {
+  using f = Deno.openSync(path, { write: true });
+  f.seekSync(offset, Deno.SeekMode.Start);
+  let done = 0;
+  while (done < data.length) done += f.writeSync(data.subarray(done));
+}

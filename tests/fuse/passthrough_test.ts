@@ -19,6 +19,8 @@ import {
   makeTree,
   MiB,
   mountPointFile,
+  pread,
+  pwrite,
   rawImage,
   ROOT,
   run,
@@ -31,26 +33,6 @@ import {
 const SIZE = 64 * MiB;
 const skip = fuseUnavailable();
 const skipLoop = fuseLoopUnavailable();
-
-function pread(path: string, offset: number, length: number): Uint8Array {
-  using f = Deno.openSync(path, { read: true });
-  f.seekSync(offset, Deno.SeekMode.Start);
-  const buf = new Uint8Array(length);
-  let got = 0;
-  while (got < length) {
-    const n = f.readSync(buf.subarray(got));
-    if (n === null) break;
-    got += n;
-  }
-  return buf.subarray(0, got);
-}
-
-function pwrite(path: string, offset: number, data: Uint8Array): void {
-  using f = Deno.openSync(path, { write: true });
-  f.seekSync(offset, Deno.SeekMode.Start);
-  let done = 0;
-  while (done < data.length) done += f.writeSync(data.subarray(done));
-}
 
 /**
  * Whether the serve's log says passthrough is on; if it says it is off, that must be for want
