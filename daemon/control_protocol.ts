@@ -145,16 +145,21 @@ export function parseRequest(line: string): ControlRequest {
       if (!Array.isArray(nbd) || nbd.some((a) => typeof a !== "string")) {
         throw new RequestError(`attach: "nbd" must be a list of addresses`);
       }
+      const fuse = field<string | null>(req, "fuse", "string", null);
+      const passthrough = field<boolean>(req, "passthrough", "boolean", false);
+      if (passthrough && fuse === null) {
+        throw new RequestError(`attach: "passthrough" is an option of a "fuse" export`);
+      }
       return {
         verb,
         spec: field<string>(req, "spec", "string"),
         nbd: nbd as string[],
         ring: field<string | null>(req, "ring", "string", null),
-        fuse: field<string | null>(req, "fuse", "string", null),
+        fuse,
         xen: field<string | null>(req, "xen", "string", null),
         readOnly: field<boolean>(req, "readOnly", "boolean", false),
         pollMicros: pollMicros(req),
-        passthrough: field<boolean>(req, "passthrough", "boolean", false),
+        passthrough,
       };
     }
     default:

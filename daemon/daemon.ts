@@ -138,10 +138,7 @@ export class Daemon {
     for (const address of nbd) args.push("--nbd", address);
     if (ring !== null) args.push("--ring", `unix:${ring}`);
     if (fuse !== null) args.push("--fuse", fuse);
-    if (req.passthrough) {
-      if (fuse === null) throw new Error("attach: passthrough is an option of a FUSE export");
-      args.push("--passthrough");
-    }
+    if (req.passthrough) args.push("--passthrough"); // with a fuse export (parseRequest)
     if (xen !== null) args.push("--xen", formatXenTarget(xen));
     if (req.readOnly) args.push("--read-only");
     if (req.pollMicros) args.push("--poll-us", String(req.pollMicros));

@@ -251,6 +251,8 @@ Deno.test({
         const usage = await d.ctl("attach", img, "--passthrough");
         assert.equal(usage.code, 2);
         assert.match(usage.stderr, /--passthrough is an option of --fuse PATH/);
+        const bare = await d.request({ verb: "attach", spec: img, passthrough: true });
+        assert.ok(!bare.ok && /"passthrough" is an option of a "fuse" export/.test(bare.error));
         await d.ctlOk("detach", "0");
         assert.equal(mountLine(mp), undefined);
         assert.deepEqual(await d.list(), []);

@@ -9,48 +9,20 @@ import { withTempDir } from "../util.ts";
 import {
   allocated,
   fuseLoopUnavailable,
-  loopAttach,
-  loopDetach,
   makeTree,
   MiB,
+  mounted,
   mountPointFile,
+  onLoop,
   rawImage,
   ROOT,
   runOk,
   verifyTree,
-  withFuse,
   writeTree,
 } from "./helpers.ts";
 
 const skip = fuseLoopUnavailable();
 const SIZE_MB = 256;
-
-/** Serves `spec` as a FUSE file, attaches a loop device to it, runs `fn`, and undoes it all. */
-async function onLoop(
-  spec: string,
-  mp: string,
-  fn: (loop: string) => Promise<void>,
-): Promise<void> {
-  await withFuse(spec, mp, async () => {
-    const loop = await loopAttach(mp);
-    try {
-      await fn(loop);
-    } finally {
-      await loopDetach(loop);
-    }
-  });
-}
-
-/** Mounts `loop` at `mnt` for `fn`. */
-async function mounted(loop: string, mnt: string, fn: () => Promise<void>): Promise<void> {
-  Deno.mkdirSync(mnt, { recursive: true });
-  await runOk("mount", [loop, mnt]);
-  try {
-    await fn();
-  } finally {
-    await runOk("umount", [mnt]);
-  }
-}
 
 /** Re-attaches and checks every tree, then `e2fsck -fn`. */
 async function verifyAll(

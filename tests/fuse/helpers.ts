@@ -168,6 +168,37 @@ export async function cleanupMount(path: string): Promise<void> {
   }
 }
 
+/**
+ * Serves `spec` as a FUSE file, attaches a direct-I/O loop device to it, runs `fn`, and undoes it
+ * all (`extra`: more `tapd serve` options).
+ */
+export async function onLoop(
+  spec: string,
+  mp: string,
+  fn: (loop: string) => Promise<void>,
+  extra: string[] = [],
+): Promise<void> {
+  await withFuse(spec, mp, async () => {
+    const loop = await loopAttach(mp);
+    try {
+      await fn(loop);
+    } finally {
+      await loopDetach(loop);
+    }
+  }, { extra });
+}
+
+/** Mounts `loop` at `mnt` (made if missing) for `fn`. */
+export async function mounted(loop: string, mnt: string, fn: () => Promise<void>): Promise<void> {
+  Deno.mkdirSync(mnt, { recursive: true });
+  await runOk("mount", [loop, mnt]);
+  try {
+    await fn();
+  } finally {
+    await runOk("umount", [mnt]);
+  }
+}
+
 /** Attaches a loop device in direct-I/O mode; returns its path. */
 export async function loopAttach(file: string): Promise<string> {
   const r = await runOk("losetup", ["--direct-io=on", "--find", "--show", file]);

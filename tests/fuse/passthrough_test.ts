@@ -14,11 +14,11 @@ import {
   fuseLoopUnavailable,
   FuseServe,
   fuseUnavailable,
-  loopAttach,
-  loopDetach,
   makeTree,
   MiB,
+  mounted,
   mountPointFile,
+  onLoop,
   pread,
   pwrite,
   rawImage,
@@ -113,45 +113,26 @@ Deno.test({
     await withTempDir(async (dir) => {
       const img = `${dir}/disk.img`, mp = mountPointFile(`${dir}/disk`), mnt = `${dir}/mnt`;
       rawImage(img, 256 * MiB);
-      Deno.mkdirSync(mnt);
       let sums = new Map<string, string>();
-      await withFuse(`tap:aio:${img}`, mp, async () => {
-        const loop = await loopAttach(mp);
-        try {
-          await runOk("mkfs.ext4", ["-q", "-F", loop]);
-          await runOk("mount", [loop, mnt]);
-          try {
-            sums = await writeTree(mnt, makeTree(5));
-            await runOk("dd", ["if=/dev/urandom", `of=${mnt}/big`, "bs=1M", "count=48"]);
-            await runOk("sync", []);
-            const before = allocated(img);
-            Deno.removeSync(`${mnt}/big`);
-            await runOk("sync", []);
-            await runOk("fstrim", [mnt]);
-            const after = allocated(img);
-            assert.ok(before - after >= 40 * MiB, `fstrim freed ${(before - after) / MiB} MiB`);
-          } finally {
-            await runOk("umount", [mnt]);
-          }
-          await runOk("e2fsck", ["-fn", loop]);
-        } finally {
-          await loopDetach(loop);
-        }
-      }, { extra: ["--passthrough"] });
+      await onLoop(`tap:aio:${img}`, mp, async (loop) => {
+        await runOk("mkfs.ext4", ["-q", "-F", loop]);
+        await mounted(loop, mnt, async () => {
+          sums = await writeTree(mnt, makeTree(5));
+          await runOk("dd", ["if=/dev/urandom", `of=${mnt}/big`, "bs=1M", "count=48"]);
+          await runOk("sync", []);
+          const before = allocated(img);
+          Deno.removeSync(`${mnt}/big`);
+          await runOk("sync", []);
+          await runOk("fstrim", [mnt]);
+          const after = allocated(img);
+          assert.ok(before - after >= 40 * MiB, `fstrim freed ${(before - after) / MiB} MiB`);
+        });
+        await runOk("e2fsck", ["-fn", loop]);
+      }, ["--passthrough"]);
       // The same image served through tapd's own data path.
-      await withFuse(`tap:aio:${img}`, mp, async () => {
-        const loop = await loopAttach(mp);
-        try {
-          await runOk("mount", [loop, mnt]);
-          try {
-            await verifyTree(mnt, sums);
-          } finally {
-            await runOk("umount", [mnt]);
-          }
-          await runOk("e2fsck", ["-fn", loop]);
-        } finally {
-          await loopDetach(loop);
-        }
+      await onLoop(`tap:aio:${img}`, mp, async (loop) => {
+        await mounted(loop, mnt, () => verifyTree(mnt, sums));
+        await runOk("e2fsck", ["-fn", loop]);
       });
     });
   },
