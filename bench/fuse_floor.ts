@@ -8,6 +8,8 @@
  *              loop → FUSE → server → reply, the most any FUSE server could reach here
  *   tapd ram   `tapd serve tap:ram:… --fuse`: tapd's request path with memory behind it
  *   tapd aio   `tapd serve tap:aio:RAW --fuse`: the seed table's tapd aio row, on the loop device
+ *              (reads and writes served by 2 I/O threads, the default: fuse/io_threads.ts)
+ *   tapd aio event loop   the same with `--io-threads 0`: everything served on the event loop
  *   tapd aio passthrough   the same with `--passthrough`: the kernel reads and writes RAW itself
  *
  * each with its ratio to the same round's native figure. Run as root:
@@ -145,6 +147,17 @@ try {
       start: async () => [
         file,
         await serve(`${ROOT}tapd`, ["serve", `tap:aio:${raw}`, "--fuse", file], file),
+      ],
+    },
+    {
+      name: "tapd aio event loop",
+      start: async () => [
+        file,
+        await serve(
+          `${ROOT}tapd`,
+          ["serve", `tap:aio:${raw}`, "--fuse", file, "--io-threads", "0"],
+          file,
+        ),
       ],
     },
     {

@@ -4,7 +4,8 @@
  * its ratio to native.
  *
  *   native           ext4 on `losetup --direct-io=on` over the raw file itself
- *   tapd aio         … over `tapd serve tap:aio:RAW --fuse FILE`
+ *   tapd aio         … over `tapd serve tap:aio:RAW --fuse FILE` (its reads and writes served by
+ *                    2 I/O threads, the default; fuse/io_threads.ts)
  *   tapd aio passthrough … over `tapd serve tap:aio:RAW --fuse FILE --passthrough` (the kernel
  *                    reads and writes RAW itself; tapd serves attributes, fsync, discard, seeks)
  *   tapd qcow        … over `tapd serve tap:qcow:QCOW --fuse FILE` (a sparse qcow image)

@@ -1,6 +1,7 @@
 /** Command-line parsing shared by the subcommands: node:util parseArgs with tapd's errors. */
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { UsageError } from "./command.ts";
+import { MAX_IO_THREADS } from "../fuse/io_threads.ts";
 
 type Options = NonNullable<ParseArgsConfig["options"]>;
 
@@ -68,6 +69,20 @@ export function parseCount(
 /** `--poll-us N` (0 … 1,000,000 µs); undefined when not given. */
 export function parsePollMicros(text: string | undefined): number | undefined {
   return text === undefined ? undefined : parseCount(text, "--poll-us", 1_000_000, 0);
+}
+
+/**
+ * `--io-threads N` of a FUSE export (0 … MAX_IO_THREADS); undefined when not given. `fuse` is
+ * the --fuse value: the option needs one.
+ */
+export function parseIoThreads(
+  text: string | undefined,
+  fuse: string | undefined,
+  command: string,
+): number | undefined {
+  if (text === undefined) return undefined;
+  if (fuse === undefined) throw new UsageError(`${command}: --io-threads is an option of --fuse`);
+  return parseCount(text, "--io-threads", MAX_IO_THREADS, 0);
 }
 
 /** One of a fixed set of words. */

@@ -13,6 +13,7 @@
  * daemon/validate.ts checks what it names (specs, paths, addresses).
  */
 import type { GateStats } from "../serve/gate.ts";
+import { MAX_IO_THREADS } from "../fuse/io_threads.ts";
 
 export const VERBS = ["attach", "list", "detach", "pause", "resume", "stats"] as const;
 export type Verb = typeof VERBS[number];
@@ -32,6 +33,8 @@ export type ControlRequest =
     pollMicros: number;
     /** FUSE passthrough for the `fuse` export (a raw disk; it cannot be paused then). */
     passthrough: boolean;
+    /** The `fuse` export's I/O threads for a raw disk (null: the default; 0: none). */
+    ioThreads: number | null;
   }
   | { verb: "list" }
   | { verb: "detach" | "pause" | "stats"; id: number }
@@ -107,6 +110,16 @@ function pollMicros(req: Json): number {
   return n;
 }
 
+function ioThreads(req: Json): number | null {
+  const n = field<number | null>(req, "ioThreads", "number", null);
+  if (n !== null && (!Number.isSafeInteger(n) || n < 0 || n > MAX_IO_THREADS)) {
+    throw new RequestError(
+      `attach: "ioThreads" must be a whole number from 0 to ${MAX_IO_THREADS}`,
+    );
+  }
+  return n;
+}
+
 function diskId(req: Json): number {
   const id = req.id;
   if (typeof id !== "number" || !Number.isSafeInteger(id) || id < 0) {
@@ -150,6 +163,10 @@ export function parseRequest(line: string): ControlRequest {
       if (passthrough && fuse === null) {
         throw new RequestError(`attach: "passthrough" is an option of a "fuse" export`);
       }
+      const threads = ioThreads(req);
+      if (threads !== null && fuse === null) {
+        throw new RequestError(`attach: "ioThreads" is an option of a "fuse" export`);
+      }
       return {
         verb,
         spec: field<string>(req, "spec", "string"),
@@ -160,6 +177,7 @@ export function parseRequest(line: string): ControlRequest {
         readOnly: field<boolean>(req, "readOnly", "boolean", false),
         pollMicros: pollMicros(req),
         passthrough,
+        ioThreads: threads,
       };
     }
     default:

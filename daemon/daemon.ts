@@ -47,6 +47,8 @@ export interface AttachRequest {
   pollMicros?: number;
   /** FUSE passthrough for the `fuse` export (absent: off). */
   passthrough?: boolean;
+  /** The `fuse` export's I/O threads (absent or null: the default). */
+  ioThreads?: number | null;
 }
 
 interface Entry {
@@ -139,6 +141,7 @@ export class Daemon {
     if (ring !== null) args.push("--ring", `unix:${ring}`);
     if (fuse !== null) args.push("--fuse", fuse);
     if (req.passthrough) args.push("--passthrough"); // with a fuse export (parseRequest)
+    if (req.ioThreads != null) args.push("--io-threads", String(req.ioThreads));
     if (xen !== null) args.push("--xen", formatXenTarget(xen));
     if (req.readOnly) args.push("--read-only");
     if (req.pollMicros) args.push("--poll-us", String(req.pollMicros));

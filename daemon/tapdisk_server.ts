@@ -30,6 +30,8 @@ export interface TapdiskOptions {
   fuse: string | null;
   /** FUSE passthrough for `fuse` (a raw disk): its reads and writes bypass the gate. */
   passthrough?: boolean;
+  /** I/O threads for `fuse` (a raw disk; default DEFAULT_IO_THREADS, 0: the event loop). */
+  ioThreads?: number;
   /** A Xen guest device to serve the disk to (from dom0), or null. */
   xen: XenTarget | null;
   /** xenstored's socket, or the xenbus device if it starts with /dev/ (default: either). */
@@ -128,6 +130,7 @@ export class TapdiskServer {
           log: this.#log.with({ component: "fuse" }),
           pollMicros: o.pollMicros,
           passthrough: o.passthrough,
+          ioThreads: o.ioThreads,
         });
         await fuse.mount();
         this.#fuse = fuse;

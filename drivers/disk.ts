@@ -4,6 +4,7 @@
  * and tools all talk to a Disk.
  */
 import type { FileHandle } from "../ffi/file.ts";
+import { DirectAccess } from "./direct_access.ts";
 import { type Buffers, byteLength } from "../io/engine.ts";
 import type { DiskDone, DiskImpl, DiskInfo, Extent } from "./driver.ts";
 import { DiskError } from "./errors.ts";
@@ -78,6 +79,12 @@ export class Disk implements AsyncDisposable {
   /** The file holding the disk byte for byte, if its driver has one (DiskImpl.passthroughFile). */
   passthroughFile(): FileHandle | null {
     return this.#impl.passthroughFile?.() ?? null;
+  }
+
+  /** The raw file lent to I/O threads (BlockTarget.directAccess); null for a mapped disk. */
+  directAccess(): DirectAccess | null {
+    const file = this.passthroughFile();
+    return file === null ? null : new DirectAccess(file, this.size, this.info.logicalSectorSize);
   }
 
   /** Refuses new requests, waits for those in flight, and closes the driver. Idempotent. */

@@ -3,6 +3,7 @@
  * DiskGate (serve/gate.ts), which adds pause, resume-on-a-new-image and statistics in front.
  */
 import type { FileHandle } from "../ffi/file.ts";
+import type { DirectAccess } from "./direct_access.ts";
 import type { Buffers } from "../io/engine.ts";
 import type { DiskDone, DiskInfo, Extent } from "./driver.ts";
 
@@ -25,4 +26,10 @@ export interface BlockTarget {
    * requests (DiskGate) must refuse to pause while a passthrough export is mounted.
    */
   passthroughFile?(): FileHandle | null;
+  /**
+   * Optional: the raw disk's file lent to I/O threads (drivers/direct_access.ts), or null when
+   * the disk is mapped. The caller disposes it once its threads have ended; a front that pauses
+   * or counts (DiskGate) holds and counts the threads' requests through it.
+   */
+  directAccess?(): DirectAccess | null;
 }

@@ -42,6 +42,11 @@ export class FileHandle implements Disposable {
     return new FileHandle(fd, path);
   }
 
+  /** A second descriptor of the same open file (dup(2): same offset, flags and O_DIRECT). */
+  duplicate(): FileHandle {
+    return new FileHandle(check(libc.dup(this.fd), "dup", this.path), this.path);
+  }
+
   /** The raw descriptor; throws once closed. */
   get fd(): number {
     if (this.#fd < 0) throw new Error(`File "${this.path}" is closed`);

@@ -18,6 +18,7 @@ const symbols = {
     result: "i32",
   },
   close: { parameters: ["i32"], result: "i32" },
+  dup: { parameters: ["i32"], result: "i32" },
   fstat: {
     parameters: [
       "i32", // int fd
@@ -279,6 +280,8 @@ const symbols = {
     result: "i32",
   },
   umount2_nb: { name: "umount2", parameters: ["buffer", "i32"], result: "i32", nonblocking: true },
+  /** Blocks its thread: only for Workers (fuse/io_thread.ts), never the event loop. */
+  poll: { parameters: ["buffer", "u64", "i32"], result: "i32" },
   poll_nb: {
     name: "poll",
     parameters: [

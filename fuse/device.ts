@@ -10,7 +10,7 @@ import { lastErrno, SysError } from "../ffi/errno.ts";
 import { FileHandle } from "../ffi/file.ts";
 import { libc } from "../ffi/libc.ts";
 import { EAGAIN, EINTR, ENOENT, O_RDWR } from "../ffi/constants.ts";
-import { BACKING_MAP_SIZE, FUSE_DEV_IOC_BACKING_OPEN } from "./protocol.ts";
+import { BACKING_MAP_SIZE, FUSE_DEV_IOC_BACKING_OPEN, FUSE_DEV_IOC_CLONE } from "./protocol.ts";
 
 const O_NONBLOCK = 0o4000;
 const POLLIN = 0x1;
@@ -26,10 +26,25 @@ export class FuseDevice implements Disposable {
   readonly handle: FileHandle;
   readonly #pollfd = new Int32Array(2);
 
-  constructor() {
-    this.handle = FileHandle.open("/dev/fuse", O_RDWR | O_NONBLOCK);
+  /** A new descriptor, non-blocking unless `blocking`. */
+  constructor(blocking = false) {
+    this.handle = FileHandle.open("/dev/fuse", O_RDWR | (blocking ? 0 : O_NONBLOCK));
     this.#pollfd[0] = this.handle.fd;
     this.#pollfd[1] = POLLIN; // short events = POLLIN, short revents = 0 (little-endian)
+  }
+
+  /**
+   * A second, blocking descriptor of this one's connection (FUSE_DEV_IOC_CLONE), for an I/O
+   * thread: it takes requests off the same queue, and a request read on it is answered on it.
+   */
+  clone(): FuseDevice {
+    const copy = new FuseDevice();
+    if (libc.ioctl(copy.fd, BigInt(FUSE_DEV_IOC_CLONE), new Uint32Array([this.fd])) < 0) {
+      const errno = lastErrno();
+      copy[Symbol.dispose]();
+      throw new SysError(errno, "ioctl(FUSE_DEV_IOC_CLONE)", "/dev/fuse");
+    }
+    return copy;
   }
 
   get fd(): number {

@@ -28,6 +28,8 @@ import {
 } from "./mount.ts";
 import { MAX_IO } from "./protocol.ts";
 import { FuseSession } from "./session.ts";
+import { DEFAULT_IO_THREADS, IoThreads } from "./io_threads.ts";
+import type { DirectAccess } from "../drivers/direct_access.ts";
 
 export { abortFuseMount, MountError } from "./mount.ts";
 
@@ -51,6 +53,13 @@ export interface FuseExportOptions {
    * tapd (no statistics, no pause). Where the kernel refuses, tapd serves everything and says so.
    */
   passthrough?: boolean;
+  /**
+   * Serve the reads and writes of a raw disk on this many threads (fuse/io_threads.ts), each
+   * doing its own blocking I/O on the image; 0 serves everything on the event loop with the
+   * disk's I/O engine. Ignored for a mapped disk (qcow, …) and with passthrough. Default
+   * DEFAULT_IO_THREADS.
+   */
+  ioThreads?: number;
 }
 
 export interface FuseCloseOptions {
@@ -80,6 +89,8 @@ export class FuseExport {
   readonly #directIo: boolean;
   readonly #pollMicros: number;
   readonly #passthrough: boolean;
+  readonly #ioThreads: number;
+  #threads: IoThreads | null = null;
   /** The resolved mount point, once mounted. */
   #mountPoint: string | null = null;
   #mount: MountInfo | null = null;
@@ -98,6 +109,12 @@ export class FuseExport {
     this.#directIo = options.directIo ?? false;
     this.#pollMicros = options.pollMicros ?? 0;
     this.#passthrough = options.passthrough ?? false;
+    this.#ioThreads = options.ioThreads ?? DEFAULT_IO_THREADS;
+  }
+
+  /** I/O threads serving reads and writes (0: the event loop serves them). */
+  get ioThreads(): number {
+    return this.#threads === null ? 0 : this.#ioThreads;
   }
 
   /** Reads and writes of the file go to the raw image in the kernel (FUSE passthrough). */
@@ -150,9 +167,12 @@ export class FuseExport {
     // Reading mountinfo does not touch the new file system, so it is safe before INIT.
     this.#mount = findMount(point.path);
     if (!setIoFlusher()) this.#log.debug("PR_SET_IO_FLUSHER not available");
+    let access: DirectAccess | null = null;
     this.#running = session.run().catch((e) => {
       this.#log.error("FUSE session failed", { error: (e as Error).message });
     }).finally(() => {
+      this.#threads?.[Symbol.dispose]();
+      access?.[Symbol.dispose]();
       session[Symbol.dispose]();
       device[Symbol.dispose]();
       backing?.close();
@@ -176,6 +196,28 @@ export class FuseExport {
     } finally {
       clearTimeout(timer);
     }
+    if (this.#ioThreads > 0 && !session.passthrough) {
+      access = this.target.directAccess?.() ?? null;
+      if (access !== null) {
+        try {
+          this.#threads = new IoThreads({
+            count: this.#ioThreads,
+            device,
+            access,
+            readOnly: this.readOnly,
+            log: this.#log,
+            onRequest: (bytes, on) => void session.serveHanded(bytes, on),
+          });
+          session.handOff(this.#threads.ended);
+        } catch (e) {
+          access[Symbol.dispose]();
+          access = null;
+          this.#log.warn("no FUSE I/O threads: the event loop serves reads and writes", {
+            error: (e as Error).message,
+          });
+        }
+      }
+    }
     if (session.passthroughRefused !== null) {
       this.#log.warn("FUSE passthrough is off: tapd serves reads and writes itself", {
         reason: session.passthroughRefused,
@@ -186,6 +228,7 @@ export class FuseExport {
       size: this.target.size,
       readOnly: this.readOnly,
       ...(this.#passthrough ? { passthrough: session.passthrough } : {}),
+      ...(this.#threads !== null ? { ioThreads: this.#ioThreads } : {}),
     });
   }
 

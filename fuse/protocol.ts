@@ -161,6 +161,8 @@ export const FOPEN = {
  * registers a backing file on the connection and returns its id (needs CAP_SYS_ADMIN).
  */
 export const FUSE_DEV_IOC_BACKING_OPEN = 0x4010e501;
+/** _IOR(229, 0, uint32_t): attaches a new /dev/fuse descriptor to the connection of another. */
+export const FUSE_DEV_IOC_CLONE = 0x8004e500;
 export const BACKING_MAP_SIZE = 16;
 
 /** fuse_read_in / fuse_write_in (40 bytes each): fh, offset u64 @8, size u32 @16. */

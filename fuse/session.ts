@@ -62,6 +62,8 @@ type Handled = void | Promise<void> | typeof PENDING;
 /** One request being served: its slot, and where its parts are in the slot. */
 interface Request {
   slot: Slot;
+  /** Where it was read, and is answered: the session's descriptor or an I/O thread's clone. */
+  device: FuseDevice;
   opcode: number;
   /** The request's unique id, as two 32-bit halves (echoed in the reply). */
   lo: number;
@@ -126,6 +128,8 @@ export class FuseSession {
   /** The connection ended (a read said so). */
   #gone = false;
   #idle: (() => void) | null = null;
+  /** Set once I/O threads read the requests (handOff): resolves when they have all stopped. */
+  #threadsEnded: Promise<"gone" | "failed"> | null = null;
   #nextHandle = 1n;
   #initialized = Promise.withResolvers<void>();
   readonly #backingFd: number | null;
@@ -177,6 +181,16 @@ export class FuseSession {
           this.#gone = true;
           break;
         }
+        if (state === "handed") {
+          // The I/O threads read every request now; if they stop while the connection is
+          // still there (they failed), this thread reads again.
+          if ((await this.#threadsEnded!) === "gone") {
+            this.#gone = true;
+            break;
+          }
+          this.#threadsEnded = null;
+          continue;
+        }
         if (state === "more") await nextTurn(); // see #drain
         else if (state === "full") await this.#slots.freed();
         else if (this.#poll?.keepLooking()) await this.#poll.next();
@@ -201,7 +215,7 @@ export class FuseSession {
    * poll's wake-up to come back from the thread pool.
    */
   #drainSoon(): void {
-    if (this.#drainQueued || this.#gone) return;
+    if (this.#drainQueued || this.#gone || this.#threadsEnded !== null) return;
     this.#drainQueued = true;
     queueMicrotask(() => {
       this.#drainQueued = false;
@@ -227,9 +241,10 @@ export class FuseSession {
    * reading, and each write's completion waited ~13 ms to be seen, its group-committed table
    * writes too).
    */
-  #drain(): "empty" | "full" | "gone" | "more" {
+  #drain(): "empty" | "full" | "gone" | "more" | "handed" {
     let bytes = 0;
     for (;;) {
+      if (this.#threadsEnded !== null) return "handed";
       if (bytes >= DRAIN_BYTES) return "more";
       const slot = this.#slots.take(this.#large);
       if (slot === null) return "full";
@@ -245,15 +260,35 @@ export class FuseSession {
         return n === READ_NONE ? "empty" : "gone";
       }
       this.#poll?.touch();
-      this.#dispatch(slot, n);
+      this.#dispatch(slot, n, this.#device);
       bytes += n;
     }
   }
 
-  #dispatch(slot: Slot, n: number): void {
+  /**
+   * From now on, I/O threads on clones of the descriptor read the requests (fuse/io_threads.ts):
+   * this thread stops reading once `ended` is pending, and serves what they hand it
+   * (serveHanded). `ended` says why they stopped: "gone" ends the session.
+   */
+  handOff(ended: Promise<"gone" | "failed">): void {
+    this.#threadsEnded = ended;
+  }
+
+  /** Serves a request an I/O thread read on `device` (a copy of its bytes); answers it there. */
+  async serveHanded(bytes: Uint8Array, device: FuseDevice): Promise<void> {
+    let slot: Slot | null;
+    while ((slot = this.#slots.take(bytes.length >= LARGE_REQUEST)) === null) {
+      await this.#slots.freed();
+    }
+    slot.readArea.set(bytes);
+    this.#dispatch(slot, bytes.length, device);
+  }
+
+  #dispatch(slot: Slot, n: number, device: FuseDevice): void {
     const v = slot.view;
     const req: Request = {
       slot,
+      device,
       opcode: v.getUint32(READ_AT + IN_HEADER.opcode, true),
       lo: v.getUint32(READ_AT + IN_HEADER.unique, true),
       hi: v.getUint32(READ_AT + IN_HEADER.unique + 4, true),
@@ -351,12 +386,12 @@ export class FuseSession {
 
   #error(req: Request, errno: number): void {
     this.#header(this.#sv, 0, OUT_HEADER_SIZE, errno, req);
-    this.#device.write(this.#scratch.subarray(0, OUT_HEADER_SIZE));
+    req.device.write(this.#scratch.subarray(0, OUT_HEADER_SIZE));
   }
 
   #ok(req: Request): void {
     this.#header(this.#sv, 0, OUT_HEADER_SIZE, 0, req);
-    this.#device.write(this.#scratch.subarray(0, OUT_HEADER_SIZE));
+    req.device.write(this.#scratch.subarray(0, OUT_HEADER_SIZE));
   }
 
   /** A success reply with a `size`-byte body that `fill(view, offset)` writes. */
@@ -364,7 +399,7 @@ export class FuseSession {
     this.#scratch.fill(0, 0, OUT_HEADER_SIZE + size);
     this.#header(this.#sv, 0, OUT_HEADER_SIZE + size, 0, req);
     fill(this.#sv, OUT_HEADER_SIZE);
-    this.#device.write(this.#scratch.subarray(0, OUT_HEADER_SIZE + size));
+    req.device.write(this.#scratch.subarray(0, OUT_HEADER_SIZE + size));
   }
 
   #fail(req: Request, e: unknown): void {
@@ -456,7 +491,7 @@ export class FuseSession {
     const answer = (skip: number): void => {
       const at = DATA + skip - OUT_HEADER_SIZE;
       this.#header(slot.view, at, OUT_HEADER_SIZE + length, 0, req);
-      this.#device.write(slot.bytes.subarray(at, at + OUT_HEADER_SIZE + length));
+      req.device.write(slot.bytes.subarray(at, at + OUT_HEADER_SIZE + length));
     };
     const direct = slot.bytes.subarray(DATA, DATA + length);
     if (this.#io.submitAligned(false, offset, direct, (e) => this.#answer(req, e, answer))) {

@@ -13,8 +13,19 @@ if (why !== null) {
   Deno.exit(3);
 }
 const main = new URL("../main.ts", import.meta.url).pathname;
+// Worker modules are loaded by URL at run time: the binary must carry them.
+const workers = [new URL("../fuse/io_thread.ts", import.meta.url).pathname];
 const { code } = await new Deno.Command(Deno.execPath(), {
-  args: ["compile", "--quiet", "--no-prompt", ...PERMISSIONS, "--output", out, main],
+  args: [
+    "compile",
+    "--quiet",
+    "--no-prompt",
+    ...PERMISSIONS,
+    ...workers.flatMap((w) => ["--include", w]),
+    "--output",
+    out,
+    main,
+  ],
   stdout: "inherit",
   stderr: "inherit",
 }).output();

@@ -6,6 +6,7 @@
  */
 import type { Disk } from "../drivers/disk.ts";
 import type { FileHandle } from "../ffi/file.ts";
+import type { DirectAccess } from "../drivers/direct_access.ts";
 import type { DiskDone, DiskInfo, Extent } from "../drivers/driver.ts";
 import { DiskError } from "../drivers/errors.ts";
 import type { BlockTarget } from "../drivers/target.ts";
@@ -28,6 +29,8 @@ export class DiskGate implements BlockTarget {
   readonly #stats = new Map<Op, OpStats>(OPS.map((op) => [op, new OpStats()]));
   readonly #readStats = this.#stats.get("read")!;
   readonly #writeStats = this.#stats.get("write")!;
+  /** Raw files lent to I/O threads: held, counted and closed with the gate. */
+  readonly #lent: DirectAccess[] = [];
 
   constructor(disk: Disk) {
     this.#disk = disk;
@@ -59,6 +62,18 @@ export class DiskGate implements BlockTarget {
    */
   passthroughFile(): FileHandle | null {
     return this.#disk.passthroughFile();
+  }
+
+  /**
+   * The disk's raw file for I/O threads: their requests are held by pause() and counted in
+   * stats(). After a resume on another image they hand every request back (to this gate).
+   */
+  directAccess(): DirectAccess | null {
+    const access = this.#disk.directAccess();
+    if (access === null) return null;
+    if (this.#held !== null) void access.hold();
+    this.#lent.push(access);
+    return access;
   }
 
   read(offset: number, bufs: Buffers): Promise<void> {
@@ -103,6 +118,7 @@ export class DiskGate implements BlockTarget {
   /** Holds new requests, waits for those in flight, flushes. Idempotent. */
   async pause(): Promise<void> {
     if (this.#held === null) this.#held = new Promise((resolve) => this.#release = resolve);
+    await Promise.all(this.#lent.map((access) => access.hold()));
     if (this.#inflight > 0) await new Promise<void>((resolve) => this.#idle = resolve);
     if (!this.#disk.info.readOnly) await this.#disk.flush();
   }
@@ -123,8 +139,11 @@ export class DiskGate implements BlockTarget {
       }
       const old = this.#disk;
       this.#disk = next;
+      // The threads' file is the old image: from now on everything comes through here.
+      await Promise.all(this.#lent.map((access) => access.close()));
       await old.close();
     }
+    for (const access of this.#lent) access.open();
     const release = this.#release;
     this.#held = this.#release = null;
     release?.();
@@ -136,13 +155,22 @@ export class DiskGate implements BlockTarget {
     const release = this.#release;
     this.#held = this.#release = null;
     release?.();
+    await Promise.all(this.#lent.map((access) => access.close()));
     await disk.close();
   }
 
   stats(): GateStats {
     const ops = {} as Record<Op, OpSummary>;
     for (const [op, s] of this.#stats) ops[op] = summarize(s);
-    return { paused: this.paused, inFlight: this.#inflight, ops };
+    let inFlight = this.#inflight, read = this.#readStats, write = this.#writeStats;
+    for (const access of this.#lent) {
+      read = read.plus(access.stats(false));
+      write = write.plus(access.stats(true));
+      inFlight += access.inflight;
+    }
+    ops.read = summarize(read);
+    ops.write = summarize(write);
+    return { paused: this.paused, inFlight, ops };
   }
 
   async #run<T>(op: Op, bytes: number, call: (disk: Disk) => Promise<T>): Promise<T> {

@@ -29,17 +29,37 @@ function bucketFloor(bucket: number): number {
   return (SUB + (bucket % SUB)) * 2 ** (exp - 3);
 }
 
+/** Float64 cells an OpStats keeps: requests, bytes, errors, started, timed, then the histogram. */
+export const STATS_CELLS = 5 + BUCKETS;
+const REQUESTS = 0, BYTES = 1, ERRORS = 2, STARTED = 3, TIMED = 4, HISTOGRAM = 5;
+
+/**
+ * One operation's counters. They live in `cells`, which may be a slice of shared memory written
+ * by one other thread (a FUSE I/O thread) and read here: `add` sums such slices into a summary.
+ */
 export class OpStats {
-  requests = 0;
-  bytes = 0;
-  errors = 0;
-  readonly #histogram = new Float64Array(BUCKETS);
-  #started = 0;
-  #timed = 0;
+  readonly #cells: Float64Array;
+
+  constructor(cells: Float64Array = new Float64Array(STATS_CELLS)) {
+    if (cells.length !== STATS_CELLS) throw new RangeError("OpStats: wrong number of cells");
+    this.#cells = cells;
+  }
+
+  get requests(): number {
+    return this.#cells[REQUESTS];
+  }
+
+  get bytes(): number {
+    return this.#cells[BYTES];
+  }
+
+  get errors(): number {
+    return this.#cells[ERRORS];
+  }
 
   /** When a request starts: its start time if it is one of those timed, else -1. */
   start(): number {
-    return this.#started++ % SAMPLE_EVERY === 0 ? performance.now() : -1;
+    return this.#cells[STARTED]++ % SAMPLE_EVERY === 0 ? performance.now() : -1;
   }
 
   /** When a request ends, with what start() returned. */
@@ -49,21 +69,31 @@ export class OpStats {
 
   /** Counts a request; `micros` < 0: not timed. */
   record(micros: number, bytes: number, failed: boolean): void {
-    this.requests++;
-    if (failed) this.errors++;
-    else this.bytes += bytes;
+    const c = this.#cells;
+    c[REQUESTS]++;
+    if (failed) c[ERRORS]++;
+    else c[BYTES] += bytes;
     if (micros < 0) return;
-    this.#timed++;
-    this.#histogram[bucketOf(micros)]++;
+    c[TIMED]++;
+    c[HISTOGRAM + bucketOf(micros)]++;
+  }
+
+  /** A new OpStats holding this one's counts plus `other`'s. */
+  plus(other: OpStats): OpStats {
+    const sum = new Float64Array(this.#cells);
+    const theirs = other.#cells;
+    for (let i = 0; i < STATS_CELLS; i++) sum[i] += theirs[i];
+    return new OpStats(sum);
   }
 
   /** The latency (µs) below which `fraction` of the timed requests completed; 0 when none did. */
   percentile(fraction: number): number {
-    if (this.#timed === 0) return 0;
-    const rank = Math.ceil(fraction * this.#timed);
+    const c = this.#cells, timed = c[TIMED];
+    if (timed === 0) return 0;
+    const rank = Math.ceil(fraction * timed);
     let seen = 0;
     for (let b = 0; b < BUCKETS; b++) {
-      seen += this.#histogram[b];
+      seen += c[HISTOGRAM + b];
       if (seen >= rank) return bucketFloor(b);
     }
     return bucketFloor(BUCKETS - 1);

@@ -2,7 +2,7 @@
  * `tapd ctl`: talks to `tapd daemon` over its control socket (tap-ctl's heir): attach, list,
  * detach, pause, resume (optionally on a new image), stats.
  */
-import { formatSize, parseCommandLine, parsePollMicros } from "../cli/args.ts";
+import { formatSize, parseCommandLine, parseIoThreads, parsePollMicros } from "../cli/args.ts";
 import { type Command, UsageError } from "../cli/command.ts";
 import { controlRequest } from "../daemon/client.ts";
 import type { ControlReply, DiskRecord } from "../daemon/control_protocol.ts";
@@ -11,7 +11,17 @@ import { defaultControlSocket } from "../daemon/paths.ts";
 import { parseDiskSpec } from "../drivers/mod.ts";
 
 const OPTIONS_OF: Readonly<Record<string, readonly string[]>> = {
-  attach: ["nbd", "ring", "fuse", "passthrough", "xen", "read-only", "poll-us", "json"],
+  attach: [
+    "nbd",
+    "ring",
+    "fuse",
+    "passthrough",
+    "io-threads",
+    "xen",
+    "read-only",
+    "poll-us",
+    "json",
+  ],
   list: ["json"],
   detach: [],
   pause: ["json"],
@@ -60,13 +70,15 @@ export const ctlCommand: Command = {
   summary: "control a running tapd daemon: attach, list, detach, pause, resume, stats",
   usage: `Usage: tapd ctl [--control SOCK] COMMAND [ARGUMENTS]
 
-  attach SPEC [--nbd ADDR …] [--ring unix:PATH] [--fuse PATH [--passthrough]]
+  attach SPEC [--nbd ADDR …] [--ring unix:PATH] [--fuse PATH [--passthrough] [--io-threads N]]
               [--xen DOMID[:VDEV]] [--read-only] [--poll-us N]
                       serve the disk SPEC (tap:TYPE:PATH) in a new tapdisk process; prints its
                       ID. ADDR: unix:PATH or tcp:HOST[:PORT]. --fuse PATH mounts the disk over
                       the existing regular file PATH (use it with losetup --direct-io=on);
                       --passthrough: for a raw disk, the kernel reads and writes the image
                       itself (see tapd help serve); such a disk cannot be paused.
+                      --io-threads N: threads serving a raw disk's FUSE reads and writes
+                      (default 2, 0: the event loop; see tapd help serve).
                       --xen 3:xvdb serves it to Xen domain 3 as its device xvdb (VDEV default
                       xvda; the daemon must run in dom0, see docs/xen.md). With no export
                       given it is served over NBD on STATE_DIR/nbd/ID.sock. --poll-us N: the
@@ -97,6 +109,7 @@ export const ctlCommand: Command = {
       "read-only": { type: "boolean" },
       "poll-us": { type: "string" },
       passthrough: { type: "boolean" },
+      "io-threads": { type: "string" },
       reopen: { type: "string" },
       json: { type: "boolean", default: false },
     });
@@ -114,6 +127,7 @@ export const ctlCommand: Command = {
         "ring",
         "fuse",
         "passthrough",
+        "io-threads",
         "xen",
         "read-only",
         "poll-us",
@@ -145,6 +159,7 @@ export const ctlCommand: Command = {
           readOnly: values["read-only"] ?? false,
           pollMicros: parsePollMicros(values["poll-us"]) ?? 0,
           passthrough: values.passthrough ?? false,
+          ioThreads: parseIoThreads(values["io-threads"], values.fuse, "ctl: attach") ?? null,
         };
         if (values.passthrough && values.fuse === undefined) {
           throw new UsageError("ctl: attach: --passthrough is an option of --fuse PATH");

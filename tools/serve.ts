@@ -3,7 +3,7 @@
  * qemu-storage-daemon. SIGTERM/SIGINT stop it: no new clients, the FUSE file is unmounted,
  * requests in flight finish, the disk is flushed and closed, exit 0.
  */
-import { parseChoice, parseCommandLine, parsePollMicros } from "../cli/args.ts";
+import { parseChoice, parseCommandLine, parseIoThreads, parsePollMicros } from "../cli/args.ts";
 import { type Command, UsageError } from "../cli/command.ts";
 import { createLogger } from "../cli/log.ts";
 import { SignalQueue } from "../cli/signals.ts";
@@ -17,7 +17,8 @@ import type { Logger } from "../cli/log.ts";
 export const serveCommand: Command = {
   name: "serve",
   summary: "export one disk over NBD and/or as a FUSE file in the foreground (like qemu-nbd)",
-  usage: `Usage: tapd serve SPEC [--nbd ADDR …] [--fuse PATH [--passthrough]] [--read-only]
+  usage: `Usage: tapd serve SPEC [--nbd ADDR …] [--fuse PATH [--passthrough] [--io-threads N]]
+                  [--read-only]
                   [--export-name NAME] [--engine aio|uring|sync] [--poll-us N]
 
 Serves the disk SPEC (tap:TYPE:PATH) until SIGTERM or SIGINT; give at least one export:
@@ -34,6 +35,10 @@ Serves the disk SPEC (tap:TYPE:PATH) until SIGTERM or SIGINT; give at least one 
                 6.9+), as fast as a loop device on the image; tapd still serves size,
                 fsync, discard and seeks. Those reads and writes bypass tapd's engine.
                 Where the kernel lacks it, tapd says so and serves them itself.
+  --io-threads N with --fuse, for a raw disk: N threads (default 2) take requests off the
+                FUSE queue and do the image's reads and writes themselves, with their own
+                aio contexts; the event loop serves the rest. 0: the event loop serves all
+                (the only way for a qcow or other mapped disk).
   --poll-us N   look for FUSE requests and for completions instead of sleeping until woken,
                 until N µs pass without a request arriving or completing (default 0): a CPU
                 for more IOPS on a busy disk.
@@ -57,6 +62,7 @@ Examples:
       engine: { type: "string" },
       "poll-us": { type: "string" },
       passthrough: { type: "boolean", default: false },
+      "io-threads": { type: "string" },
     });
     if (positionals.length !== 1) throw new UsageError("serve: expected one disk spec");
     const addresses = (values.nbd ?? []).map((a) => parseNbdAddress(a));
@@ -68,6 +74,7 @@ Examples:
     if (values.passthrough && fusePath === undefined) {
       throw new UsageError("serve: --passthrough is an option of --fuse PATH");
     }
+    const ioThreads = parseIoThreads(values["io-threads"], fusePath, "serve");
     const exportName = values["export-name"];
     if (new TextEncoder().encode(exportName).length > 4096 || exportName.includes("\0")) {
       throw new UsageError("serve: --export-name must be at most 4096 bytes, without NUL");
@@ -110,6 +117,7 @@ Examples:
             log: log.with({ component: "fuse" }),
             pollMicros,
             passthrough: values.passthrough,
+            ioThreads,
           });
           await fuse.mount();
           console.log(fusePath);

@@ -4,7 +4,7 @@
  * unplugs the guest's device, finishes the requests in flight, flushes and exits 0. Under the daemon (`--control stdio`) it also takes commands on
  * stdin (daemon/tapdisk_control.ts).
  */
-import { parseChoice, parseCommandLine, parsePollMicros } from "../cli/args.ts";
+import { parseChoice, parseCommandLine, parseIoThreads, parsePollMicros } from "../cli/args.ts";
 import { type Command, UsageError } from "../cli/command.ts";
 import { createLogger, type Logger } from "../cli/log.ts";
 import { SignalQueue } from "../cli/signals.ts";
@@ -18,8 +18,8 @@ import { parseXenTarget, type XenTarget } from "../daemon/xen_target.ts";
 export const tapdiskCommand: Command = {
   name: "tapdisk",
   summary: "serve one disk on a blkif shared ring, NBD, a FUSE file and/or to a Xen guest",
-  usage: `Usage: tapd tapdisk SPEC [--ring unix:PATH] [--nbd ADDR …] [--fuse PATH [--passthrough]]
-                    [--xen DOMID[:VDEV]] [--xenstore PATH] [--read-only]
+  usage: `Usage: tapd tapdisk SPEC [--ring unix:PATH] [--nbd ADDR …] [--fuse PATH [--passthrough]
+                    [--io-threads N]] [--xen DOMID[:VDEV]] [--xenstore PATH] [--read-only]
                     [--export-name NAME] [--engine aio|uring|sync] [--poll-us N]
                     [--control stdio]
 
@@ -34,6 +34,8 @@ export:
                      --ring or --nbd too, the file bypasses the page cache. --passthrough:
                      for a raw disk, the kernel reads and writes the image itself (see tapd
                      help serve); pause is refused then (those writes cannot be held).
+                     --io-threads N: threads serving a raw disk's reads and writes
+                     (default 2; 0: the event loop; see tapd help serve).
   --xen DOMID[:VDEV] serve the disk to Xen domain DOMID as its device VDEV (default xvda), as
                      \`tapd xen-backend\` does (docs/xen.md); dom0 only. --xenstore PATH (or
                      $TAPD_XENSTORE): xenstored's socket, or the xenbus device if under /dev/.
@@ -64,6 +66,7 @@ mount (its users get I/O errors). A \`stop\` command is refused instead, and the
       engine: { type: "string" },
       "poll-us": { type: "string" },
       passthrough: { type: "boolean", default: false },
+      "io-threads": { type: "string" },
       control: { type: "string" },
     });
     if (positionals.length !== 1) throw new UsageError("tapdisk: expected one disk spec");
@@ -77,6 +80,7 @@ mount (its users get I/O errors). A \`stop\` command is refused instead, and the
     if (values.passthrough && values.fuse === undefined) {
       throw new UsageError("tapdisk: --passthrough is an option of --fuse PATH");
     }
+    const ioThreads = parseIoThreads(values["io-threads"], values.fuse, "tapdisk");
     let xen: XenTarget | null = null;
     if (values.xen !== undefined) {
       try {
@@ -121,6 +125,7 @@ mount (its users get I/O errors). A \`stop\` command is refused instead, and the
       nbd,
       fuse: values.fuse ?? null,
       passthrough: values.passthrough,
+      ioThreads,
       xen,
       xenstore,
       xenUnplugTimeoutMs: unplugTimeout === undefined ? undefined : Number(unplugTimeout),

@@ -186,7 +186,7 @@ Deno.test({
         assert.equal(Deno.statSync(mp).size, 0);
 
         // The same path can be attached again at once (the failed disk keeps its id).
-        const again = await d.attach(`tap:aio:${img}`, "--fuse", mp);
+        const again = await d.attach(`tap:aio:${img}`, "--fuse", mp, "--io-threads", "1");
         assert.equal(again.id, 1);
         assert.match(mountLine(mp) ?? "", / - fuse\.tapd /);
         {
@@ -197,6 +197,11 @@ Deno.test({
           assert.equal(f.readSync(back), 4096);
           assert.deepEqual(back, pattern(0x11, 4096));
         }
+        // Served by its I/O thread, and counted all the same.
+        const stats = await d.request({ verb: "stats", id: 1 });
+        assert.ok(stats.ok && stats.stats !== undefined, JSON.stringify(stats));
+        const ops = stats.stats.ops;
+        assert.ok(ops.write.requests >= 1 && ops.write.bytes >= 4096, JSON.stringify(ops.write));
         // SIGTERM to the daemon unmounts it too.
         await d.ctlOk("detach", "0");
         assert.equal((await d.stop()).code, 0, d.stderr);
@@ -253,6 +258,19 @@ Deno.test({
         assert.match(usage.stderr, /--passthrough is an option of --fuse PATH/);
         const bare = await d.request({ verb: "attach", spec: img, passthrough: true });
         assert.ok(!bare.ok && /"passthrough" is an option of a "fuse" export/.test(bare.error));
+        const threads = await d.ctl("attach", img, "--io-threads", "2");
+        assert.equal(threads.code, 2);
+        assert.match(threads.stderr, /--io-threads is an option of --fuse/);
+        const many = await d.ctl("attach", img, "--fuse", mp, "--io-threads", "65");
+        assert.equal(many.code, 2);
+        assert.match(
+          many.stderr,
+          /Invalid --io-threads "65": expected a whole number from 0 to 64/,
+        );
+        const bareThreads = await d.request({ verb: "attach", spec: img, ioThreads: 2 });
+        assert.ok(
+          !bareThreads.ok && /"ioThreads" is an option of a "fuse" export/.test(bareThreads.error),
+        );
         await d.ctlOk("detach", "0");
         assert.equal(mountLine(mp), undefined);
         assert.deepEqual(await d.list(), []);
