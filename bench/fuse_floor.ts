@@ -8,8 +8,8 @@
  *              loop → FUSE → server → reply, the most any FUSE server could reach here
  *   tapd ram   `tapd serve tap:ram:… --fuse`: tapd's request path with memory behind it
  *   tapd aio   `tapd serve tap:aio:RAW --fuse`: the seed table's tapd aio row, on the loop device
- *              (reads and writes served by 2 I/O threads, the default: fuse/io_threads.ts)
- *   tapd aio event loop   the same with `--io-threads 0`: everything served on the event loop
+ *   tapd aio io-threads   the same with `--io-threads 2`: reads and writes served by two Workers
+ *              with their own aio contexts (fuse/io_threads.ts)
  *   tapd aio passthrough   the same with `--passthrough`: the kernel reads and writes RAW itself
  *
  * each with its ratio to the same round's native figure. Run as root:
@@ -150,12 +150,12 @@ try {
       ],
     },
     {
-      name: "tapd aio event loop",
+      name: "tapd aio io-threads",
       start: async () => [
         file,
         await serve(
           `${ROOT}tapd`,
-          ["serve", `tap:aio:${raw}`, "--fuse", file, "--io-threads", "0"],
+          ["serve", `tap:aio:${raw}`, "--fuse", file, "--io-threads", "2"],
           file,
         ),
       ],

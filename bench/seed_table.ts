@@ -4,8 +4,9 @@
  * its ratio to native.
  *
  *   native           ext4 on `losetup --direct-io=on` over the raw file itself
- *   tapd aio         … over `tapd serve tap:aio:RAW --fuse FILE` (its reads and writes served by
- *                    2 I/O threads, the default; fuse/io_threads.ts)
+ *   tapd aio         … over `tapd serve tap:aio:RAW --fuse FILE`
+ *   tapd aio io-threads … the same with `--io-threads 2` (reads and writes served by two Workers
+ *                    with their own aio contexts; fuse/io_threads.ts)
  *   tapd aio passthrough … over `tapd serve tap:aio:RAW --fuse FILE --passthrough` (the kernel
  *                    reads and writes RAW itself; tapd serves attributes, fsync, discard, seeks)
  *   tapd qcow        … over `tapd serve tap:qcow:QCOW --fuse FILE` (a sparse qcow image)
@@ -170,6 +171,12 @@ const KINDS: Kind[] = [
   {
     name: "tapd aio",
     setup: (work, raw) => tapdServe(`tap:aio:${raw}`, `${work}/tapd-aio.file`),
+  },
+  {
+    // Reads and writes on two Workers, off the event loop (fuse/io_threads.ts).
+    name: "tapd aio io-threads",
+    setup: (work, raw) =>
+      tapdServe(`tap:aio:${raw}`, `${work}/tapd-io.file`, ["--io-threads", "2"]),
   },
   {
     // The kernel reads and writes the raw file itself (Linux 6.9+); tapd serves the rest.

@@ -31,12 +31,14 @@ import { OpStats, STATS_CELLS } from "../serve/stats.ts";
 import type { IoThreadMessage, IoThreadSetup } from "./io_thread_messages.ts";
 import { IN_HEADER, OP, OUT_HEADER_SIZE, RW_IN, WRITE_DATA_OFFSET } from "./protocol.ts";
 import { DATA, HUGE_SLOTS, LARGE_REQUEST, READ_AT, SLOT_SIZE } from "./slots.ts";
+import { SERVER_BATCH, SERVER_COALESCE } from "../io/engine.ts";
 
 const ENOENT = 2, EINTR = 4, EIO = 5, ENODEV = 19, ECONNABORTED = 103;
 const POLLIN = 1;
 const AIO_RING_MAGIC = 0xa10a10a1;
 const RING_HEAD = 2, RING_TAIL = 3, RING_EVENTS = 8; // u32 word indexes
 const HUGE_PAGE = 2 * 1024 * 1024;
+const DRAIN_BYTES = 256 * 1024;
 
 function post(message: IoThreadMessage): void {
   self.postMessage(message);
@@ -79,7 +81,9 @@ class IoLoop implements Disposable {
   readonly #batchWords: BigUint64Array;
   readonly #pollfds: Int32Array;
   readonly #counter = new BigUint64Array(1);
+  /** Requests at the kernel, and prepared ones not yet submitted (their iocbs in #batch). */
   #inflight = 0;
+  #pending = 0;
   #gone = false;
   /** The last READ or WRITE was large: read the next request into a huge-page slot. */
   #large = false;
@@ -156,10 +160,21 @@ class IoLoop implements Disposable {
   run(): void {
     for (;;) {
       const read = this.#readAll();
-      const reaped = this.#reap();
+      // Coalescing, as the event loop's engine does (io/engine.ts SERVER_COALESCE): with enough
+      // at the kernel, prepared requests wait for a full batch or until the completions at hand
+      // have been answered, so that fewer io_submit calls (each a virtio kick) carry more.
+      if (
+        this.#pending > 0 && (this.#inflight < SERVER_COALESCE || this.#pending >= SERVER_BATCH)
+      ) {
+        this.#submit();
+      }
+      if (this.#reap()) continue;
+      if (this.#pending > 0) {
+        this.#submit();
+        continue;
+      }
       if (this.#gone && this.#inflight === 0) return;
-      if (read || reaped) continue;
-      this.#wait();
+      if (!read) this.#wait();
     }
   }
 
@@ -173,11 +188,16 @@ class IoLoop implements Disposable {
     (slot.huge ? this.#hugeFree : this.#free).push(slot);
   }
 
-  /** Reads every queued request (while slots last) and submits the reads and writes. */
+  /**
+   * Reads the queued requests (while slots last, up to DRAIN_BYTES) and submits the reads and
+   * writes. The cap is the event loop's (fuse/session.ts): reading copies a write's data, and a
+   * burst of 1 MiB writes read whole before any was submitted left the disk idle meanwhile; the
+   * loop reaps and comes back for the rest.
+   */
   #readAll(): boolean {
     const { fuseFd } = this.#setup;
-    let count = 0, batch = 0;
-    while (!this.#gone) {
+    let count = 0, bytes = 0;
+    while (!this.#gone && bytes < DRAIN_BYTES) {
       const slot = this.#take();
       if (slot === undefined) break;
       const area = slot.readArea;
@@ -192,13 +212,13 @@ class IoLoop implements Disposable {
         break;
       }
       count++;
-      if (this.#prepare(slot, n)) this.#batchWords[batch++] = slot.iocb;
+      bytes += n;
+      if (this.#prepare(slot, n)) this.#batchWords[this.#pending++] = slot.iocb;
       else {
         post({ kind: "request", bytes: area.slice(0, n) });
         this.#give(slot);
       }
     }
-    if (batch > 0) this.#submit(batch);
     return count > 0;
   }
 
@@ -232,7 +252,10 @@ class IoLoop implements Disposable {
     return true;
   }
 
-  #submit(batch: number): void {
+  /** Submits the prepared requests. */
+  #submit(): void {
+    const batch = this.#pending;
+    this.#pending = 0;
     let sent = 0;
     while (sent < batch) {
       const rc = this.#aio.io_submit(

@@ -276,12 +276,15 @@ export class FuseSession {
 
   /** Serves a request an I/O thread read on `device` (a copy of its bytes); answers it there. */
   async serveHanded(bytes: Uint8Array, device: FuseDevice): Promise<void> {
+    // Counted while it waits for a slot, so that run() does not end (and free the slots) first.
+    this.#inflight++;
     let slot: Slot | null;
     while ((slot = this.#slots.take(bytes.length >= LARGE_REQUEST)) === null) {
       await this.#slots.freed();
     }
     slot.readArea.set(bytes);
     this.#dispatch(slot, bytes.length, device);
+    this.#left();
   }
 
   #dispatch(slot: Slot, n: number, device: FuseDevice): void {
@@ -321,6 +324,11 @@ export class FuseSession {
     this.#slots.give(slot);
     this.#poll?.touch();
     this.#drainSoon();
+    this.#left();
+  }
+
+  /** One request less in flight; wakes run()'s final wait at 0. */
+  #left(): void {
     if (--this.#inflight === 0 && this.#idle !== null) {
       const idle = this.#idle;
       this.#idle = null;

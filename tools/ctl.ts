@@ -78,7 +78,7 @@ export const ctlCommand: Command = {
                       --passthrough: for a raw disk, the kernel reads and writes the image
                       itself (see tapd help serve); such a disk cannot be paused.
                       --io-threads N: threads serving a raw disk's FUSE reads and writes
-                      (default 2, 0: the event loop; see tapd help serve).
+                      (default 0: the event loop serves them; see tapd help serve).
                       --xen 3:xvdb serves it to Xen domain 3 as its device xvdb (VDEV default
                       xvda; the daemon must run in dom0, see docs/xen.md). With no export
                       given it is served over NBD on STATE_DIR/nbd/ID.sock. --poll-us N: the

@@ -35,10 +35,11 @@ Serves the disk SPEC (tap:TYPE:PATH) until SIGTERM or SIGINT; give at least one 
                 6.9+), as fast as a loop device on the image; tapd still serves size,
                 fsync, discard and seeks. Those reads and writes bypass tapd's engine.
                 Where the kernel lacks it, tapd says so and serves them itself.
-  --io-threads N with --fuse, for a raw disk: N threads (default 2) take requests off the
-                FUSE queue and do the image's reads and writes themselves, with their own
-                aio contexts; the event loop serves the rest. 0: the event loop serves all
-                (the only way for a qcow or other mapped disk).
+  --io-threads N with --fuse, for a raw disk: N threads take requests off the FUSE
+                queue and do the image's reads and writes themselves, with their own aio
+                contexts; the event loop serves the rest. Default 0: the event loop serves
+                everything (as always for a qcow or other mapped disk). 2 threads: lower
+                latency and more random writes, fewer random reads (docs/performance.md).
   --poll-us N   look for FUSE requests and for completions instead of sleeping until woken,
                 until N µs pass without a request arriving or completing (default 0): a CPU
                 for more IOPS on a busy disk.

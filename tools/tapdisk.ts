@@ -35,7 +35,7 @@ export:
                      for a raw disk, the kernel reads and writes the image itself (see tapd
                      help serve); pause is refused then (those writes cannot be held).
                      --io-threads N: threads serving a raw disk's reads and writes
-                     (default 2; 0: the event loop; see tapd help serve).
+                     (default 0: the event loop serves them; see tapd help serve).
   --xen DOMID[:VDEV] serve the disk to Xen domain DOMID as its device VDEV (default xvda), as
                      \`tapd xen-backend\` does (docs/xen.md); dom0 only. --xenstore PATH (or
                      $TAPD_XENSTORE): xenstored's socket, or the xenbus device if under /dev/.

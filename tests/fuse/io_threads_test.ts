@@ -9,7 +9,21 @@ import { openDisk } from "../../drivers/mod.ts";
 import { FuseExport } from "../../fuse/export.ts";
 import { DiskGate } from "../../serve/gate.ts";
 import { assertBytes, rng, withTempDir } from "../util.ts";
-import { cleanupMount, fuseUnavailable, MiB, mountPointFile, rawImage, run } from "./helpers.ts";
+import {
+  cleanupMount,
+  fuseLoopUnavailable,
+  fuseUnavailable,
+  makeTree,
+  MiB,
+  mounted,
+  mountPointFile,
+  onLoop,
+  rawImage,
+  run,
+  runOk,
+  verifyTree,
+  writeTree,
+} from "./helpers.ts";
 
 const skip = fuseUnavailable();
 
@@ -40,7 +54,7 @@ async function served(
   img: string,
   mp: string,
   fn: (gate: DiskGate, fuse: FuseExport) => Promise<void>,
-  options: { ioThreads?: number; readOnly?: boolean } = {},
+  options: { ioThreads?: number; readOnly?: boolean } = { ioThreads: 2 },
 ): Promise<void> {
   const gate = new DiskGate(await openDisk(`tap:aio:${img}`, { readOnly: options.readOnly }));
   const fuse = new FuseExport(gate, mp, options);
@@ -137,7 +151,8 @@ Deno.test({
 });
 
 Deno.test({
-  name: "io threads: 0 serves everything on the event loop; a read-only export refuses writes",
+  name: "io threads: none by default (the event loop serves everything); a read-only export " +
+    "refuses writes",
   ignore: skip !== null,
   async fn() {
     await withTempDir(async (dir) => {
@@ -149,15 +164,37 @@ Deno.test({
         assert.equal(fuse.ioThreads, 0);
         const w = await ddWrite(`${dir}/data`, mp, MiB, 64 * 1024);
         assert.equal(w.code, 0, w.stderr);
-      }, { ioThreads: 0 });
+      }, {});
       assertBytes(slice(img, MiB, MiB), data, "the image");
       await served(img, mp, async (_gate, fuse) => {
         assert.equal(fuse.ioThreads, 2);
         const w = await ddWrite(`${dir}/data`, mp, 2 * MiB, 64 * 1024);
         assert.notEqual(w.code, 0);
         assert.match(w.stderr, /Read-only file system|Operation not permitted/);
-      }, { readOnly: true });
+      }, { readOnly: true, ioThreads: 2 });
       assertBytes(slice(img, 2 * MiB, MiB), new Uint8Array(MiB), "the read-only image");
+    });
+  },
+});
+
+Deno.test({
+  name: "io threads: ext4 written through them reads back through the event loop, e2fsck clean",
+  ignore: fuseLoopUnavailable() !== null,
+  async fn() {
+    await withTempDir(async (dir) => {
+      const img = `${dir}/disk.img`, mp = mountPointFile(`${dir}/disk`), mnt = `${dir}/mnt`;
+      rawImage(img, 256 * MiB);
+      let sums = new Map<string, string>();
+      await onLoop(`tap:aio:${img}`, mp, async (loop) => {
+        await runOk("mkfs.ext4", ["-q", "-F", loop]);
+        await mounted(loop, mnt, async () => {
+          sums = await writeTree(mnt, makeTree(11));
+        });
+      }, ["--io-threads", "2"]);
+      await onLoop(`tap:aio:${img}`, mp, async (loop) => {
+        await mounted(loop, mnt, () => verifyTree(mnt, sums));
+        await runOk("e2fsck", ["-fn", loop]);
+      });
     });
   },
 });

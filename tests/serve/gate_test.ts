@@ -4,7 +4,7 @@ import { openDisk } from "../../drivers/mod.ts";
 import { DiskError } from "../../drivers/errors.ts";
 import { sharedPool } from "../../io/buffer_pool.ts";
 import { DiskGate } from "../../serve/gate.ts";
-import { OpStats } from "../../serve/stats.ts";
+import { OpStats, STATS_CELLS } from "../../serve/stats.ts";
 import { assertBytes, withTempDir } from "../util.ts";
 
 const MiB = 1024 * 1024;
@@ -116,6 +116,21 @@ Deno.test("stats: percentiles come from the histogram within 12.5%", () => {
     assert.ok(got <= exact && got >= exact * 0.875, `p${q * 100}: ${got} vs ${exact}`);
   }
   assert.equal(new OpStats().percentile(0.5), 0);
+});
+
+Deno.test("stats: counters in shared memory (another thread's) add up with plus()", () => {
+  const shared = new Float64Array(new SharedArrayBuffer(STATS_CELLS * 8));
+  const theirs = new OpStats(shared), ours = new OpStats();
+  for (let us = 1; us <= 100; us++) theirs.record(us, 10, false);
+  theirs.record(-1, 10, true);
+  ours.record(1000, 5, false);
+  const sum = ours.plus(new OpStats(shared)); // a second view of the same cells
+  assert.equal(sum.requests, 102);
+  assert.equal(sum.bytes, 1005);
+  assert.equal(sum.errors, 1);
+  assert.ok(sum.percentile(1) >= 875, String(sum.percentile(1)));
+  assert.equal(ours.requests, 1, "plus() leaves its operands alone");
+  assert.throws(() => new OpStats(new Float64Array(3)), /wrong number of cells/);
 });
 
 Deno.test("gate: submit (the ring's and FUSE's path) is held while paused and counted", async () => {
