@@ -26,15 +26,14 @@ export class FuseDevice implements Disposable {
   readonly handle: FileHandle;
   readonly #pollfd = new Int32Array(2);
 
-  /** A new descriptor, non-blocking unless `blocking`. */
-  constructor(blocking = false) {
-    this.handle = FileHandle.open("/dev/fuse", O_RDWR | (blocking ? 0 : O_NONBLOCK));
+  constructor() {
+    this.handle = FileHandle.open("/dev/fuse", O_RDWR | O_NONBLOCK);
     this.#pollfd[0] = this.handle.fd;
     this.#pollfd[1] = POLLIN; // short events = POLLIN, short revents = 0 (little-endian)
   }
 
   /**
-   * A second, blocking descriptor of this one's connection (FUSE_DEV_IOC_CLONE), for an I/O
+   * A second (non-blocking) descriptor of this one's connection (FUSE_DEV_IOC_CLONE), for an I/O
    * thread: it takes requests off the same queue, and a request read on it is answered on it.
    */
   clone(): FuseDevice {

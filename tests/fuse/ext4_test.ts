@@ -9,6 +9,7 @@ import { withTempDir } from "../util.ts";
 import {
   allocated,
   fuseLoopUnavailable,
+  makeFileSystem,
   makeTree,
   MiB,
   mounted,
@@ -17,39 +18,13 @@ import {
   rawImage,
   ROOT,
   runOk,
+  verifyAll,
   verifyTree,
   writeTree,
 } from "./helpers.ts";
 
 const skip = fuseLoopUnavailable();
 const SIZE_MB = 256;
-
-/** Re-attaches and checks every tree, then `e2fsck -fn`. */
-async function verifyAll(
-  spec: string,
-  mp: string,
-  mnt: string,
-  trees: Map<string, string>[],
-): Promise<void> {
-  await onLoop(spec, mp, async (loop) => {
-    await mounted(loop, mnt, async () => {
-      for (const sums of trees) await verifyTree(mnt, sums);
-    });
-    await runOk("e2fsck", ["-fn", loop]);
-  });
-}
-
-/** mkfs.ext4 + a tree on a fresh disk; returns the tree's checksums. */
-async function makeFileSystem(spec: string, mp: string, mnt: string, seed: number) {
-  let sums = new Map<string, string>();
-  await onLoop(spec, mp, async (loop) => {
-    await runOk("mkfs.ext4", ["-q", "-F", loop]);
-    await mounted(loop, mnt, async () => {
-      sums = await writeTree(`${mnt}`, makeTree(seed));
-    });
-  });
-  return sums;
-}
 
 Deno.test({
   name: "ext4 over FUSE over a raw image: files survive a re-attach, e2fsck clean, fstrim holes",

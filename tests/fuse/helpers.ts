@@ -351,3 +351,36 @@ export function pwrite(path: string, offset: number, data: Uint8Array): void {
   let done = 0;
   while (done < data.length) done += f.writeSync(data.subarray(done));
 }
+
+/** Re-attaches and checks every tree, then `e2fsck -fn`. */
+export async function verifyAll(
+  spec: string,
+  mp: string,
+  mnt: string,
+  trees: Map<string, string>[],
+): Promise<void> {
+  await onLoop(spec, mp, async (loop) => {
+    await mounted(loop, mnt, async () => {
+      for (const sums of trees) await verifyTree(mnt, sums);
+    });
+    await runOk("e2fsck", ["-fn", loop]);
+  });
+}
+
+/** mkfs.ext4 + a tree on a fresh disk; returns the tree's checksums. */
+export async function makeFileSystem(
+  spec: string,
+  mp: string,
+  mnt: string,
+  seed: number,
+  extra: string[] = [],
+) {
+  let sums = new Map<string, string>();
+  await onLoop(spec, mp, async (loop) => {
+    await runOk("mkfs.ext4", ["-q", "-F", loop]);
+    await mounted(loop, mnt, async () => {
+      sums = await writeTree(`${mnt}`, makeTree(seed));
+    });
+  }, extra);
+  return sums;
+}

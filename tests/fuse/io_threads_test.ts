@@ -13,16 +13,12 @@ import {
   cleanupMount,
   fuseLoopUnavailable,
   fuseUnavailable,
-  makeTree,
+  makeFileSystem,
   MiB,
-  mounted,
   mountPointFile,
-  onLoop,
   rawImage,
   run,
-  runOk,
-  verifyTree,
-  writeTree,
+  verifyAll,
 } from "./helpers.ts";
 
 const skip = fuseUnavailable();
@@ -184,17 +180,8 @@ Deno.test({
     await withTempDir(async (dir) => {
       const img = `${dir}/disk.img`, mp = mountPointFile(`${dir}/disk`), mnt = `${dir}/mnt`;
       rawImage(img, 256 * MiB);
-      let sums = new Map<string, string>();
-      await onLoop(`tap:aio:${img}`, mp, async (loop) => {
-        await runOk("mkfs.ext4", ["-q", "-F", loop]);
-        await mounted(loop, mnt, async () => {
-          sums = await writeTree(mnt, makeTree(11));
-        });
-      }, ["--io-threads", "2"]);
-      await onLoop(`tap:aio:${img}`, mp, async (loop) => {
-        await mounted(loop, mnt, () => verifyTree(mnt, sums));
-        await runOk("e2fsck", ["-fn", loop]);
-      });
+      const sums = await makeFileSystem(`tap:aio:${img}`, mp, mnt, 11, ["--io-threads", "2"]);
+      await verifyAll(`tap:aio:${img}`, mp, mnt, [sums]);
     });
   },
 });
