@@ -10,6 +10,8 @@
  *   tapd aio   `tapd serve tap:aio:RAW --fuse`: the seed table's tapd aio row, on the loop device
  *   tapd aio io-threads   the same with `--io-threads 2`: reads and writes served by two Workers
  *              with their own aio contexts (fuse/io_threads.ts)
+ *   tapd aio uring   the same with `--fuse-uring`: requests through io_uring ring entries, reads and
+ *              writes by a thread per CPU with io_uring I/O (fuse/uring.ts)
  *   tapd aio passthrough   the same with `--passthrough`: the kernel reads and writes RAW itself
  *
  * each with its ratio to the same round's native figure. Run as root:
@@ -156,6 +158,17 @@ try {
         await serve(
           `${ROOT}tapd`,
           ["serve", `tap:aio:${raw}`, "--fuse", file, "--io-threads", "2"],
+          file,
+        ),
+      ],
+    },
+    {
+      name: "tapd aio uring",
+      start: async () => [
+        file,
+        await serve(
+          `${ROOT}tapd`,
+          ["serve", `tap:aio:${raw}`, "--fuse", file, "--fuse-uring"],
           file,
         ),
       ],

@@ -7,6 +7,9 @@
  *   tapd aio         … over `tapd serve tap:aio:RAW --fuse FILE`
  *   tapd aio io-threads … the same with `--io-threads 2` (reads and writes served by two Workers
  *                    with their own aio contexts; fuse/io_threads.ts)
+ *   tapd aio uring   … the same with `--fuse-uring` (FUSE over io_uring, Linux 6.14+: a thread per
+ *                    CPU takes requests from io_uring ring entries and serves the reads and writes
+ *                    with io_uring I/O; fuse/uring.ts)
  *   tapd aio passthrough … over `tapd serve tap:aio:RAW --fuse FILE --passthrough` (the kernel
  *                    reads and writes RAW itself; tapd serves attributes, fsync, discard, seeks)
  *   tapd qcow        … over `tapd serve tap:qcow:QCOW --fuse FILE` (a sparse qcow image)
@@ -177,6 +180,18 @@ const KINDS: Kind[] = [
     name: "tapd aio io-threads",
     setup: (work, raw) =>
       tapdServe(`tap:aio:${raw}`, `${work}/tapd-io.file`, ["--io-threads", "2"]),
+  },
+  {
+    // Requests through io_uring ring entries, reads and writes by a thread per CPU (Linux 6.14+).
+    name: "tapd aio uring",
+    async setup(work, raw) {
+      const served = await tapdServe(`tap:aio:${raw}`, `${work}/tapd-uring.file`, ["--fuse-uring"]);
+      if (!/uring=true/.test(served.stderr())) {
+        await served.teardown();
+        throw new Error("this kernel has no FUSE over io_uring (Linux 6.14+)");
+      }
+      return served;
+    },
   },
   {
     // The kernel reads and writes the raw file itself (Linux 6.9+); tapd serves the rest.

@@ -85,6 +85,20 @@ export function parseIoThreads(
   return parseCount(text, "--io-threads", MAX_IO_THREADS, 0);
 }
 
+/**
+ * `--fuse-uring` of a FUSE export (FUSE over io_uring): false when not given. `fuse` is the
+ * --fuse value: the option needs one.
+ */
+export function parseFuseUring(
+  flag: boolean | undefined,
+  fuse: string | undefined,
+  command: string,
+): boolean {
+  if (!flag) return false;
+  if (fuse === undefined) throw new UsageError(`${command}: --fuse-uring is an option of --fuse`);
+  return true;
+}
+
 /** One of a fixed set of words. */
 export function parseChoice<T extends string>(
   text: string,

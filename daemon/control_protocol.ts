@@ -2,7 +2,7 @@
  * The control socket's protocol: one JSON request per line, one JSON reply per line, in order.
  *
  *   {"verb":"attach","spec":"tap:qcow:/v/a.qcow","nbd":["tcp:127.0.0.1:10810"],"readOnly":false}
- *   {"verb":"attach","spec":"tap:aio:/v/b.img","fuse":"/run/tapd/b.img"}
+ *   {"verb":"attach","spec":"tap:aio:/v/b.img","fuse":"/run/tapd/b.img","uring":true}
  *   {"verb":"attach","spec":"tap:aio:/v/c.img","xen":"3:xvdb"}
  *   {"verb":"attach","spec":"tap:aio:/v/d.img","ring":"unix:/run/d.ring","pollMicros":200}
  *   {"verb":"list"}   {"verb":"detach","id":1}   {"verb":"pause","id":1}   {"verb":"stats","id":1}
@@ -35,6 +35,8 @@ export type ControlRequest =
     passthrough: boolean;
     /** The `fuse` export's I/O threads for a raw disk (null: the default; 0: none). */
     ioThreads: number | null;
+    /** FUSE over io_uring for the `fuse` export (a raw disk; else /dev/fuse, with a warning). */
+    uring: boolean;
   }
   | { verb: "list" }
   | { verb: "detach" | "pause" | "stats"; id: number }
@@ -167,6 +169,10 @@ export function parseRequest(line: string): ControlRequest {
       if (threads !== null && fuse === null) {
         throw new RequestError(`attach: "ioThreads" is an option of a "fuse" export`);
       }
+      const uring = field<boolean>(req, "uring", "boolean", false);
+      if (uring && fuse === null) {
+        throw new RequestError(`attach: "uring" is an option of a "fuse" export`);
+      }
       return {
         verb,
         spec: field<string>(req, "spec", "string"),
@@ -178,6 +184,7 @@ export function parseRequest(line: string): ControlRequest {
         pollMicros: pollMicros(req),
         passthrough,
         ioThreads: threads,
+        uring,
       };
     }
     default:

@@ -49,6 +49,8 @@ export interface AttachRequest {
   passthrough?: boolean;
   /** The `fuse` export's I/O threads (absent or null: the default). */
   ioThreads?: number | null;
+  /** FUSE over io_uring for the `fuse` export (absent: off). */
+  uring?: boolean;
 }
 
 interface Entry {
@@ -142,6 +144,7 @@ export class Daemon {
     if (fuse !== null) args.push("--fuse", fuse);
     if (req.passthrough) args.push("--passthrough"); // with a fuse export (parseRequest)
     if (req.ioThreads != null) args.push("--io-threads", String(req.ioThreads));
+    if (req.uring) args.push("--fuse-uring"); // with a fuse export (parseRequest)
     if (xen !== null) args.push("--xen", formatXenTarget(xen));
     if (req.readOnly) args.push("--read-only");
     if (req.pollMicros) args.push("--poll-us", String(req.pollMicros));

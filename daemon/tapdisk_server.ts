@@ -32,6 +32,8 @@ export interface TapdiskOptions {
   passthrough?: boolean;
   /** I/O threads for `fuse` (a raw disk; default DEFAULT_IO_THREADS, 0: the event loop). */
   ioThreads?: number;
+  /** FUSE over io_uring for `fuse` (a raw disk; where the kernel lacks it: /dev/fuse). */
+  uring?: boolean;
   /** A Xen guest device to serve the disk to (from dom0), or null. */
   xen: XenTarget | null;
   /** xenstored's socket, or the xenbus device if it starts with /dev/ (default: either). */
@@ -131,6 +133,7 @@ export class TapdiskServer {
           pollMicros: o.pollMicros,
           passthrough: o.passthrough,
           ioThreads: o.ioThreads,
+          uring: o.uring,
         });
         await fuse.mount();
         this.#fuse = fuse;

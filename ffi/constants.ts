@@ -39,6 +39,13 @@ export const MFD_CLOEXEC = 1;
 export const EFD_CLOEXEC = 0o2000000;
 export const EFD_NONBLOCK = 0o4000;
 
+// epoll (sys/epoll.h).
+export const EPOLL_CLOEXEC = 0o2000000;
+export const EPOLL_CTL_ADD = 1;
+export const EPOLLIN = 0x1;
+/** Of the epoll instances waiting on one file with this flag, an event wakes one. */
+export const EPOLLEXCLUSIVE = 1 << 28;
+
 // Block device ioctls (linux/fs.h): _IO(0x12, n) and _IOR(0x12, n, size_t).
 export const BLKSSZGET = 0x1268n;
 export const BLKDISCARD = 0x1277n;

@@ -1,5 +1,5 @@
 /** File descriptors as handles that close themselves, with the libc calls made on them. */
-import { check, pooled } from "./errno.ts";
+import { check, lastErrno, pooled, SysError } from "./errno.ts";
 import { cString, libc } from "./libc.ts";
 import {
   BLKDISCARD,
@@ -7,6 +7,9 @@ import {
   BLKPBSZGET,
   BLKSSZGET,
   EFD_CLOEXEC,
+  EINTR,
+  EPOLL_CLOEXEC,
+  EPOLL_CTL_ADD,
   MFD_CLOEXEC,
   O_CLOEXEC,
   S_IFBLK,
@@ -189,6 +192,60 @@ export class EventFd implements Disposable {
   /** Adds one to the counter, waking a parked `wait()`. */
   signal(): void {
     check(libc.write(this.fd, this.#one, 8n), "write(eventfd)");
+  }
+
+  [Symbol.dispose](): void {
+    this.handle.close();
+  }
+}
+
+const EPOLL_EVENT_SIZE = 12; // packed on x86-64: u32 events, u64 data
+
+/**
+ * An epoll instance whose waits block the calling thread: for Workers (fuse/io_thread.ts), never
+ * the event loop. Events carry the descriptor they are for.
+ */
+export class Epoll implements Disposable {
+  readonly handle = new FileHandle(
+    check(libc.epoll_create1(EPOLL_CLOEXEC), "epoll_create1"),
+    "epoll",
+  );
+  readonly #events: Uint8Array<ArrayBuffer>;
+  readonly #view: DataView;
+
+  constructor(maxEvents = 4) {
+    this.#events = new Uint8Array(maxEvents * EPOLL_EVENT_SIZE);
+    this.#view = new DataView(this.#events.buffer);
+  }
+
+  /** Watches `fd` for `events` (EPOLLIN, with EPOLLEXCLUSIVE to share a wake-up with others). */
+  add(fd: number, events: number): void {
+    const event = new DataView(new ArrayBuffer(EPOLL_EVENT_SIZE));
+    event.setUint32(0, events >>> 0, true);
+    event.setBigUint64(4, BigInt(fd), true);
+    check(
+      libc.epoll_ctl(this.handle.fd, EPOLL_CTL_ADD, fd, new Uint8Array(event.buffer)),
+      "epoll_ctl",
+    );
+  }
+
+  /** Blocks until an event (or a signal: then 0); returns how many, each read with `fdOf`. */
+  wait(timeoutMs = -1): number {
+    const n = libc.epoll_wait(
+      this.handle.fd,
+      this.#events,
+      this.#events.length / EPOLL_EVENT_SIZE,
+      timeoutMs,
+    );
+    if (n >= 0) return n;
+    const errno = lastErrno();
+    if (errno === EINTR) return 0;
+    throw new SysError(errno, "epoll_wait");
+  }
+
+  /** The descriptor of the `i`th event of the last wait. */
+  fdOf(i: number): number {
+    return Number(this.#view.getBigUint64(i * EPOLL_EVENT_SIZE + 4, true));
   }
 
   [Symbol.dispose](): void {

@@ -251,6 +251,26 @@ const symbols = {
     ],
     result: "i32",
   },
+  epoll_create1: { parameters: ["i32"], result: "i32" },
+  epoll_ctl: {
+    parameters: [
+      "i32", // int epfd
+      "i32", // int op
+      "i32", // int fd
+      "buffer", // struct epoll_event *event (packed: u32 events, u64 data)
+    ],
+    result: "i32",
+  },
+  /** Blocks its thread: only for Workers (fuse/io_thread.ts), never the event loop. */
+  epoll_wait: {
+    parameters: [
+      "i32", // int epfd
+      "buffer", // struct epoll_event *events
+      "i32", // int maxevents
+      "i32", // int timeout (ms)
+    ],
+    result: "i32",
+  },
   shm_open: {
     parameters: [
       "buffer", // const char *name

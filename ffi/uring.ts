@@ -56,7 +56,13 @@ export const IORING_OP_FSYNC = 3;
 export const IORING_OP_FALLOCATE = 17;
 export const IORING_OP_READ = 22;
 export const IORING_OP_WRITE = 23;
+export const IORING_OP_URING_CMD = 46;
 export const IORING_FSYNC_DATASYNC = 1;
+/** SQEs of 128 bytes: a URING_CMD's command area is 80 bytes (FUSE over io_uring needs it). */
+export const IORING_SETUP_SQE128 = 1 << 10;
+export const IORING_SETUP_SINGLE_ISSUER = 1 << 12;
+/** Completions' task work runs only when the ring's thread enters with GETEVENTS. */
+export const IORING_SETUP_DEFER_TASKRUN = 1 << 13;
 
 let lib: Deno.StaticForeignLibraryInterface<typeof symbols> | undefined;
 

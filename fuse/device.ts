@@ -22,7 +22,13 @@ const PR_SET_IO_FLUSHER = 57;
 export const READ_NONE = 0;
 export const READ_GONE = -1;
 
-export class FuseDevice implements Disposable {
+/** Where a request's answer goes: a /dev/fuse descriptor, or a FUSE-over-io_uring entry. */
+export interface ReplyChannel {
+  /** Sends one reply; false when the kernel no longer waits for it. */
+  write(reply: Uint8Array): boolean;
+}
+
+export class FuseDevice implements Disposable, ReplyChannel {
   readonly handle: FileHandle;
   readonly #pollfd = new Int32Array(2);
 

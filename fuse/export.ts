@@ -29,6 +29,7 @@ import {
 import { MAX_IO } from "./protocol.ts";
 import { FuseSession } from "./session.ts";
 import { DEFAULT_IO_THREADS, IoThreads } from "./io_threads.ts";
+import { enableUring, FuseUring } from "./uring.ts";
 import type { DirectAccess } from "../drivers/direct_access.ts";
 
 export { abortFuseMount, MountError } from "./mount.ts";
@@ -60,6 +61,13 @@ export interface FuseExportOptions {
    * DEFAULT_IO_THREADS.
    */
   ioThreads?: number;
+  /**
+   * FUSE over io_uring (Linux 6.14+, with the fuse module's enable_uring on; fuse/uring.ts): a
+   * thread takes every request from io_uring ring entries and serves a raw disk's reads and
+   * writes with io_uring I/O, with no system call per request. Where the kernel refuses, tapd
+   * serves as without it and says why. Ignored for a mapped disk and with passthrough.
+   */
+  uring?: boolean;
 }
 
 export interface FuseCloseOptions {
@@ -73,6 +81,7 @@ export interface FuseCloseOptions {
 }
 
 const INIT_TIMEOUT_MS = 10_000;
+const URING_STOP_MS = 5_000;
 const EINVAL = 22;
 
 function sleep(ms: number): Promise<void> {
@@ -91,6 +100,8 @@ export class FuseExport {
   readonly #passthrough: boolean;
   readonly #ioThreads: number;
   #threads: IoThreads | null = null;
+  readonly #wantUring: boolean;
+  #uring: FuseUring | null = null;
   /** The resolved mount point, once mounted. */
   #mountPoint: string | null = null;
   #mount: MountInfo | null = null;
@@ -110,6 +121,12 @@ export class FuseExport {
     this.#pollMicros = options.pollMicros ?? 0;
     this.#passthrough = options.passthrough ?? false;
     this.#ioThreads = options.ioThreads ?? DEFAULT_IO_THREADS;
+    this.#wantUring = (options.uring ?? false) && !this.#passthrough;
+  }
+
+  /** Requests come through io_uring ring entries (FUSE over io_uring). */
+  get uring(): boolean {
+    return this.#uring !== null;
   }
 
   /** I/O threads serving reads and writes (0: the event loop serves them). */
@@ -132,6 +149,15 @@ export class FuseExport {
     }
     const point = checkMountPoint(this.path);
     const backing = this.#passthrough ? this.#openBacking() : null;
+    // Once INIT agrees on io_uring the kernel holds every request until ring entries are
+    // registered: agree only for a disk the ring threads can serve.
+    const notRaw = "the disk is not a raw image (mapped disks, such as qcow, use /dev/fuse)";
+    let uringAccess = this.#wantUring ? this.target.directAccess?.() ?? null : null;
+    const uringWhyNot = !this.#wantUring
+      ? null
+      : uringAccess === null
+      ? notRaw
+      : enableUring(this.#log);
     const device = new FuseDevice();
     let session: FuseSession;
     try {
@@ -150,6 +176,7 @@ export class FuseExport {
         maxRequests: this.#maxRequests,
         pollMicros: this.#pollMicros,
         backingFd: backing?.fd,
+        uring: uringAccess !== null && uringWhyNot === null,
       });
       mountFuse(point.path, {
         fd: device.fd,
@@ -160,6 +187,7 @@ export class FuseExport {
     } catch (e) {
       device[Symbol.dispose]();
       backing?.close();
+      uringAccess?.[Symbol.dispose]();
       throw e;
     }
     this.#mountPoint = point.path;
@@ -170,8 +198,19 @@ export class FuseExport {
     let access: DirectAccess | null = null;
     this.#running = session.run().catch((e) => {
       this.#log.error("FUSE session failed", { error: (e as Error).message });
-    }).finally(() => {
+    }).finally(async () => {
       this.#threads?.[Symbol.dispose]();
+      // The ring threads end once the kernel has ended their entries (at once, when the
+      // connection goes); their memory and the descriptor are freed only then.
+      if (this.#uring !== null) {
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        await Promise.race([
+          this.#uring.ended,
+          new Promise((resolve) => timer = setTimeout(resolve, URING_STOP_MS)),
+        ]);
+        clearTimeout(timer);
+      }
+      this.#uring?.[Symbol.dispose]();
       access?.[Symbol.dispose]();
       session[Symbol.dispose]();
       device[Symbol.dispose]();
@@ -192,11 +231,42 @@ export class FuseExport {
     } catch (e) {
       this.#abort();
       await this.#running;
+      uringAccess?.[Symbol.dispose]();
       throw e;
     } finally {
       clearTimeout(timer);
     }
-    if (this.#ioThreads > 0 && !session.passthrough) {
+    if (session.uring) {
+      access = uringAccess;
+      uringAccess = null;
+      let uring: FuseUring | null = null;
+      try {
+        uring = new FuseUring({
+          fuseFd: device.fd,
+          access: access!,
+          readOnly: this.readOnly,
+          log: this.#log,
+          onRequest: (bytes, on) => void session.serveHanded(bytes, on),
+        });
+        await uring.ready;
+        this.#uring = uring;
+      } catch (e) {
+        // The kernel waits for the ring: end the connection rather than leave it hanging.
+        this.#uring = uring;
+        this.#abort();
+        await this.#running;
+        throw new Error(
+          `FUSE mount "${this.path}": FUSE over io_uring was agreed but its ring could not be ` +
+            `set up (${(e as Error).message}); mount without it`,
+        );
+      }
+    } else if (this.#wantUring) {
+      uringAccess?.[Symbol.dispose]();
+      this.#log.warn("no FUSE over io_uring: /dev/fuse carries the requests", {
+        reason: uringWhyNot ?? "the kernel did not offer it at INIT",
+      });
+    }
+    if (this.#ioThreads > 0 && !session.passthrough && this.#uring === null) {
       access = this.target.directAccess?.() ?? null;
       if (access !== null) {
         try {
@@ -229,6 +299,7 @@ export class FuseExport {
       readOnly: this.readOnly,
       ...(this.#passthrough ? { passthrough: session.passthrough } : {}),
       ...(this.#threads !== null ? { ioThreads: this.#ioThreads } : {}),
+      ...(this.#wantUring ? { uring: this.#uring !== null } : {}),
     });
   }
 

@@ -24,7 +24,8 @@ import {
   libaio,
 } from "../ffi/aio.ts";
 import { lastErrno, SysError } from "../ffi/errno.ts";
-import { EventFd } from "../ffi/file.ts";
+import { EPOLLEXCLUSIVE, EPOLLIN } from "../ffi/constants.ts";
+import { Epoll, EventFd } from "../ffi/file.ts";
 import { libc } from "../ffi/libc.ts";
 import { AlignedMemory, foreignMemory } from "../ffi/memory.ts";
 import { OpStats, STATS_CELLS } from "../serve/stats.ts";
@@ -79,6 +80,9 @@ class IoLoop implements Disposable {
   /** The iocb pointer array for io_submit, and its words. */
   readonly #batch: Uint8Array<ArrayBuffer>;
   readonly #batchWords: BigUint64Array;
+  /** The clone (shared with the other threads: one of them is woken a request) and the eventfd. */
+  readonly #epoll: Epoll;
+  /** The eventfd alone, for poll(2) while every slot is busy. */
   readonly #pollfds: Int32Array;
   readonly #counter = new BigUint64Array(1);
   /** Requests at the kernel, and prepared ones not yet submitted (their iocbs in #batch). */
@@ -107,7 +111,11 @@ class IoLoop implements Disposable {
       this.#ringSize = header[1];
       this.#ring = new Uint32Array(foreignMemory(ctx, 32 + this.#ringSize * IO_EVENT_SIZE));
       this.#completions = this.#cleanup.use(new EventFd());
-      this.#pollfds = new Int32Array([setup.fuseFd, POLLIN, this.#completions.fd, POLLIN]);
+      this.#pollfds = new Int32Array([this.#completions.fd, POLLIN]);
+      this.#epoll = this.#cleanup.use(new Epoll());
+      // Exclusive: a request wakes one of the threads, not all of them (plain poll(2) would).
+      this.#epoll.add(setup.fuseFd, EPOLLIN | EPOLLEXCLUSIVE);
+      this.#epoll.add(this.#completions.fd, EPOLLIN);
 
       const control = this.#cleanup.use(new AlignedMemory(depth * (IOCB_SIZE + 8), 64));
       control.bytes.fill(0); // posix_memalign does not clear; an iocb has reserved fields
@@ -333,18 +341,22 @@ class IoLoop implements Disposable {
 
   /** Blocks until a request is queued (if a slot is free) or a completion has come. */
   #wait(): void {
-    const p = this.#pollfds;
-    // A negative descriptor is skipped: without a free slot the kernel keeps the queue.
-    const room = this.#free.length + this.#hugeFree.length > 0;
-    p[0] = !this.#gone && room ? this.#setup.fuseFd : -1;
-    p[1] = POLLIN; // events POLLIN, revents 0
-    p[3] = POLLIN;
-    if (libc.poll(p, 2n, -1) < 0) {
-      const errno = lastErrno();
-      if (errno !== EINTR) throw new SysError(errno, "poll", "/dev/fuse");
+    const completions = this.#completions.fd;
+    let fired = false;
+    if (!this.#gone && this.#free.length + this.#hugeFree.length > 0) {
+      const n = this.#epoll.wait();
+      for (let i = 0; i < n; i++) fired ||= this.#epoll.fdOf(i) === completions;
+    } else {
+      // Without a free slot the kernel keeps the queue: wait for completions alone.
+      const p = this.#pollfds;
+      p[1] = POLLIN; // events POLLIN, revents 0
+      if (libc.poll(p, 1n, -1) < 0) {
+        const errno = lastErrno();
+        if (errno !== EINTR) throw new SysError(errno, "poll", "eventfd");
+      }
+      fired = (p[1] >>> 16) !== 0; // revents is the high half of the word
     }
-    // Clear the eventfd when it fired (revents is the high half of the word).
-    if ((p[3] >>> 16) !== 0) libc.read(this.#completions.fd, this.#counter, 8n);
+    if (fired) libc.read(completions, this.#counter, 8n);
   }
 }
 

@@ -65,6 +65,8 @@ export const INIT_FLAG = {
 export const INIT_FLAG2 = {
   /** Opens may name a backing file that the kernel reads and writes itself (Linux 6.9+). */
   PASSTHROUGH: 1 << 5,
+  /** Requests may come through io_uring ring entries instead of /dev/fuse (Linux 6.14+). */
+  OVER_IO_URING: 1 << 9,
 } as const;
 
 /** What tapd asks for (masked by the kernel's offer): no writeback cache, no splice, no locks. */

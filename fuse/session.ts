@@ -11,7 +11,7 @@ import type { BlockTarget } from "../drivers/target.ts";
 import { SysError } from "../ffi/errno.ts";
 import type { FileAttributes } from "./attributes.ts";
 import { ByteIo } from "./byte_io.ts";
-import { type FuseDevice, READ_NONE } from "./device.ts";
+import { type FuseDevice, READ_NONE, type ReplyChannel } from "./device.ts";
 import {
   ATTR_OUT,
   FALLOCATE_IN,
@@ -62,8 +62,8 @@ type Handled = void | Promise<void> | typeof PENDING;
 /** One request being served: its slot, and where its parts are in the slot. */
 interface Request {
   slot: Slot;
-  /** Where it was read, and is answered: the session's descriptor or an I/O thread's clone. */
-  device: FuseDevice;
+  /** Where it is answered: the session's descriptor, an I/O thread's clone or a ring entry. */
+  device: ReplyChannel;
   opcode: number;
   /** The request's unique id, as two 32-bit halves (echoed in the reply). */
   lo: number;
@@ -94,6 +94,11 @@ export interface SessionOptions {
    * session serves everything itself (`passthrough` says which).
    */
   backingFd?: number;
+  /**
+   * Ask for FUSE over io_uring (Linux 6.14+, the fuse module's enable_uring on): `uring` then
+   * says whether INIT agreed, and fuse/uring.ts registers the ring entries.
+   */
+  uring?: boolean;
 }
 
 /** The errno to answer for a failed operation. */
@@ -135,6 +140,9 @@ export class FuseSession {
   readonly #backingFd: number | null;
   /** The backing file's id on this connection once passthrough is set up, else 0. */
   #backingId = 0;
+  readonly #wantUring: boolean;
+  /** INIT agreed on FUSE over io_uring. */
+  uring = false;
   /** Why passthrough was asked for and is off, once INIT has been answered. */
   passthroughRefused: string | null = null;
   /** Requests read so far. */
@@ -152,6 +160,7 @@ export class FuseSession {
     this.#slots = new SlotPool(options.maxRequests ?? 2 * MAX_BACKGROUND);
     this.#poll = options.pollMicros ? new PollWindow(options.pollMicros) : null;
     this.#backingFd = options.backingFd ?? null;
+    this.#wantUring = options.uring ?? false;
   }
 
   /** Opens are passthrough: the kernel reads and writes the backing file itself. */
@@ -275,7 +284,7 @@ export class FuseSession {
   }
 
   /** Serves a request an I/O thread read on `device` (a copy of its bytes); answers it there. */
-  async serveHanded(bytes: Uint8Array, device: FuseDevice): Promise<void> {
+  async serveHanded(bytes: Uint8Array, device: ReplyChannel): Promise<void> {
     // Counted while it waits for a slot, so that run() does not end (and free the slots) first.
     this.#inflight++;
     let slot: Slot | null;
@@ -287,7 +296,7 @@ export class FuseSession {
     this.#left();
   }
 
-  #dispatch(slot: Slot, n: number, device: FuseDevice): void {
+  #dispatch(slot: Slot, n: number, device: ReplyChannel): void {
     const v = slot.view;
     const req: Request = {
       slot,
@@ -441,18 +450,22 @@ export class FuseSession {
     let flags = (WANTED_INIT_FLAGS & kernelFlags) >>> 0;
     const size = minor < 5 ? 8 : minor < 23 ? INIT_OUT.compatSize : INIT_OUT.size;
     let flags2 = 0;
+    const kernelFlags2 = req.length >= INIT_IN.flags2 + 4 + IN_HEADER.size &&
+        (kernelFlags & INIT_FLAG.INIT_EXT) !== 0 && size === INIT_OUT.size
+      ? v.getUint32(b + INIT_IN.flags2, true)
+      : 0;
     if (this.#backingFd !== null) {
-      const kernelFlags2 = req.length >= INIT_IN.flags2 + 4 + IN_HEADER.size &&
-          (kernelFlags & INIT_FLAG.INIT_EXT) !== 0
-        ? v.getUint32(b + INIT_IN.flags2, true)
-        : 0;
-      if ((kernelFlags2 & INIT_FLAG2.PASSTHROUGH) !== 0 && size === INIT_OUT.size) {
-        flags = (flags | INIT_FLAG.INIT_EXT) >>> 0;
-        flags2 = INIT_FLAG2.PASSTHROUGH;
+      if ((kernelFlags2 & INIT_FLAG2.PASSTHROUGH) !== 0) {
+        flags2 |= INIT_FLAG2.PASSTHROUGH;
       } else {
         this.passthroughRefused = "the kernel does not offer FUSE passthrough (Linux 6.9+)";
       }
     }
+    if (this.#wantUring && (kernelFlags2 & INIT_FLAG2.OVER_IO_URING) !== 0) {
+      flags2 |= INIT_FLAG2.OVER_IO_URING;
+      this.uring = true;
+    }
+    if (flags2 !== 0) flags = (flags | INIT_FLAG.INIT_EXT) >>> 0;
     this.#reply(req, size, (o, at) => {
       o.setUint32(at + INIT_OUT.major, KERNEL_MAJOR, true);
       o.setUint32(at + INIT_OUT.minor, Math.min(minor, OUR_MINOR), true);
@@ -465,14 +478,14 @@ export class FuseSession {
       if (size === INIT_OUT.size) {
         o.setUint32(at + INIT_OUT.timeGran, 1, true);
         o.setUint16(at + INIT_OUT.maxPages, MAX_PAGES, true);
-        if (flags2 !== 0) {
-          o.setUint32(at + INIT_OUT.flags2, flags2, true);
-          // The backing file's own file system (depth 0) may sit under this one, no deeper.
+        o.setUint32(at + INIT_OUT.flags2, flags2, true);
+        // The backing file's own file system (depth 0) may sit under this one, no deeper.
+        if ((flags2 & INIT_FLAG2.PASSTHROUGH) !== 0) {
           o.setUint32(at + INIT_OUT.maxStackDepth, 1, true);
         }
       }
     });
-    if (flags2 !== 0) {
+    if ((flags2 & INIT_FLAG2.PASSTHROUGH) !== 0) {
       // The kernel applied the reply within write(2): the connection takes backing files now.
       try {
         this.#backingId = this.#device.openBacking(this.#backingFd!);

@@ -14,7 +14,9 @@ if (why !== null) {
 }
 const main = new URL("../main.ts", import.meta.url).pathname;
 // Worker modules are loaded by URL at run time: the binary must carry them.
-const workers = [new URL("../fuse/io_thread.ts", import.meta.url).pathname];
+const workers = ["../fuse/io_thread.ts", "../fuse/uring_thread.ts"].map((w) =>
+  new URL(w, import.meta.url).pathname
+);
 const { code } = await new Deno.Command(Deno.execPath(), {
   args: [
     "compile",

@@ -4,7 +4,13 @@
  * unplugs the guest's device, finishes the requests in flight, flushes and exits 0. Under the daemon (`--control stdio`) it also takes commands on
  * stdin (daemon/tapdisk_control.ts).
  */
-import { parseChoice, parseCommandLine, parseIoThreads, parsePollMicros } from "../cli/args.ts";
+import {
+  parseChoice,
+  parseCommandLine,
+  parseFuseUring,
+  parseIoThreads,
+  parsePollMicros,
+} from "../cli/args.ts";
 import { type Command, UsageError } from "../cli/command.ts";
 import { createLogger, type Logger } from "../cli/log.ts";
 import { SignalQueue } from "../cli/signals.ts";
@@ -19,9 +25,9 @@ export const tapdiskCommand: Command = {
   name: "tapdisk",
   summary: "serve one disk on a blkif shared ring, NBD, a FUSE file and/or to a Xen guest",
   usage: `Usage: tapd tapdisk SPEC [--ring unix:PATH] [--nbd ADDR …] [--fuse PATH [--passthrough]
-                    [--io-threads N]] [--xen DOMID[:VDEV]] [--xenstore PATH] [--read-only]
-                    [--export-name NAME] [--engine aio|uring|sync] [--poll-us N]
-                    [--control stdio]
+                    [--io-threads N] [--fuse-uring]] [--xen DOMID[:VDEV]] [--xenstore PATH]
+                    [--read-only] [--export-name NAME] [--engine aio|uring|sync]
+                    [--poll-us N] [--control stdio]
 
 Opens the disk SPEC (tap:TYPE:PATH) and serves it until SIGTERM or SIGINT; give at least one
 export:
@@ -36,6 +42,8 @@ export:
                      help serve); pause is refused then (those writes cannot be held).
                      --io-threads N: threads serving a raw disk's reads and writes
                      (default 0: the event loop serves them; see tapd help serve).
+                     --fuse-uring: FUSE over io_uring for a raw disk (Linux 6.14+): requests
+                     come through io_uring, no system call each (see tapd help serve).
   --xen DOMID[:VDEV] serve the disk to Xen domain DOMID as its device VDEV (default xvda), as
                      \`tapd xen-backend\` does (docs/xen.md); dom0 only. --xenstore PATH (or
                      $TAPD_XENSTORE): xenstored's socket, or the xenbus device if under /dev/.
@@ -67,6 +75,7 @@ mount (its users get I/O errors). A \`stop\` command is refused instead, and the
       "poll-us": { type: "string" },
       passthrough: { type: "boolean", default: false },
       "io-threads": { type: "string" },
+      "fuse-uring": { type: "boolean", default: false },
       control: { type: "string" },
     });
     if (positionals.length !== 1) throw new UsageError("tapdisk: expected one disk spec");
@@ -81,6 +90,7 @@ mount (its users get I/O errors). A \`stop\` command is refused instead, and the
       throw new UsageError("tapdisk: --passthrough is an option of --fuse PATH");
     }
     const ioThreads = parseIoThreads(values["io-threads"], values.fuse, "tapdisk");
+    const uring = parseFuseUring(values["fuse-uring"], values.fuse, "tapdisk");
     let xen: XenTarget | null = null;
     if (values.xen !== undefined) {
       try {
@@ -126,6 +136,7 @@ mount (its users get I/O errors). A \`stop\` command is refused instead, and the
       fuse: values.fuse ?? null,
       passthrough: values.passthrough,
       ioThreads,
+      uring,
       xen,
       xenstore,
       xenUnplugTimeoutMs: unplugTimeout === undefined ? undefined : Number(unplugTimeout),

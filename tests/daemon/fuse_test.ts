@@ -3,7 +3,8 @@
  * through the file, `list`, a detach refused while the file is in use (the disk serves on), a
  * detach that unmounts (also of a paused disk); a tapdisk killed mid-write: the disk is failed,
  * the daemon has aborted the mount (nothing in D state, the path is a plain file again) and the
- * path can be attached again; the daemon's SIGTERM unmounts.
+ * path can be attached again; the daemon's SIGTERM unmounts. `--fuse-uring`: FUSE over io_uring,
+ * and its usage errors.
  */
 import assert from "node:assert/strict";
 import {
@@ -15,9 +16,19 @@ import {
   sleep,
   stuckOnFuse,
 } from "../fuse/helpers.ts";
-import { MiB, qemuIo, rawImage, type TestDaemon, unixUri, withDaemon } from "./helpers.ts";
+import { MiB, qemuIo, rawImage, tapd, type TestDaemon, unixUri, withDaemon } from "./helpers.ts";
 
 const skip = fuseUnavailable();
+/** The fuse module's FUSE over io_uring switch (Linux 6.14+), or null without it. */
+const ENABLE_URING = "/sys/module/fuse/parameters/enable_uring";
+const noUring = skip ?? (() => {
+  try {
+    Deno.statSync(ENABLE_URING);
+    return null;
+  } catch {
+    return "no FUSE over io_uring in this kernel";
+  }
+})();
 
 /** The line of /proc/self/mountinfo whose mount point is `path`, or undefined. */
 function mountLine(path: string): string | undefined {
@@ -279,4 +290,69 @@ Deno.test({
       }
     });
   },
+});
+
+Deno.test({
+  name: "daemon: attach --fuse --fuse-uring: O_DIRECT I/O through the file, over io_uring",
+  ignore: noUring !== null,
+  async fn() {
+    await withDaemon(async (d) => {
+      const img = rawImage(d, "u.img", 16 * MiB);
+      const mp = mountPointFile(`${d.dir}/u.disk`);
+      try {
+        const disk = await d.attach(`tap:aio:${img}`, "--fuse", mp, "--fuse-uring");
+        assert.equal(disk.state, "running");
+        assert.deepEqual(disk.exports, [`fuse:${mp}`]);
+        // The tapdisk's log (the daemon's stderr): mounted with the ring in use.
+        assert.ok(
+          await eventually(() => /component=fuse .*uring=true msg=mounted/.test(d.stderr), 3000),
+          d.stderr,
+        );
+        assert.doesNotMatch(d.stderr, /no FUSE over io_uring/);
+        const w = await new Deno.Command("dd", {
+          args: [`of=${mp}`, "bs=64k", "count=4", "seek=16", "oflag=direct", "conv=notrunc"],
+          stdin: "piped",
+          stderr: "piped",
+        }).spawn();
+        const writer = w.stdin.getWriter();
+        await writer.write(pattern(0xa5, 256 * 1024));
+        await writer.close();
+        assert.equal((await w.output()).code, 0);
+        const r = await new Deno.Command("dd", {
+          args: [`if=${mp}`, "bs=64k", "count=4", "skip=16", "iflag=direct"],
+          stdout: "piped",
+          stderr: "null",
+        }).output();
+        assert.deepEqual(r.stdout, pattern(0xa5, 256 * 1024));
+        assert.deepEqual(
+          Deno.readFileSync(img).subarray(MiB, 1280 * 1024),
+          pattern(0xa5, 256 * 1024),
+        );
+        await d.ctlOk("detach", "0");
+        assert.equal(mountLine(mp), undefined);
+      } finally {
+        await cleanupMount(mp);
+      }
+    });
+  },
+});
+
+Deno.test("daemon: --fuse-uring without --fuse is a usage error (ctl attach, tapdisk, request)", async () => {
+  await withDaemon(async (d) => {
+    const img = rawImage(d, "n.img", MiB);
+    const ctl = await d.ctl("attach", img, "--fuse-uring");
+    assert.equal(ctl.code, 2);
+    assert.equal(ctl.stderr, "tapd: ctl: attach: --fuse-uring is an option of --fuse\n");
+    const list = await d.ctl("list", "--fuse-uring");
+    assert.equal(list.code, 2);
+    assert.equal(list.stderr, "tapd: ctl: list takes no --fuse-uring\n");
+    const tapdisk = await tapd("tapdisk", img, "--nbd", `unix:${d.dir}/n.sock`, "--fuse-uring");
+    assert.equal(tapdisk.code, 2);
+    assert.equal(tapdisk.stderr, "tapd: tapdisk: --fuse-uring is an option of --fuse\n");
+    const bare = await d.request({ verb: "attach", spec: img, uring: true });
+    assert.ok(!bare.ok && bare.error === `attach: "uring" is an option of a "fuse" export`);
+    const typed = await d.request({ verb: "attach", spec: img, fuse: "/x", uring: "yes" });
+    assert.ok(!typed.ok && typed.error === `attach: "uring" must be a boolean`);
+    assert.deepEqual(await d.list(), []);
+  });
 });
