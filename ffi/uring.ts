@@ -11,6 +11,8 @@
  *   CQE (16 bytes): user_data u64 @0, res i32 @8, flags u32 @12
  */
 
+import { Mapping } from "./memory.ts";
+
 const symbols = {
   io_uring_setup: {
     parameters: [
@@ -78,4 +80,65 @@ export function liburing(): Deno.StaticForeignLibraryInterface<typeof symbols> {
     }
   }
   return lib;
+}
+
+/**
+ * An io_uring's SQ ring, SQE array and CQ ring, mapped once from its descriptor and the params
+ * io_uring_setup filled in; the offsets are word indexes into `sq` and `cq`. `sqeSize` is 128
+ * for a ring set up with IORING_SETUP_SQE128.
+ */
+export class RingMaps implements Disposable {
+  readonly sq: Uint32Array;
+  readonly sqHead: number;
+  readonly sqTail: number;
+  readonly sqMask: number;
+  readonly sqArray: number;
+  readonly sqes: Uint32Array;
+  readonly cq: Uint32Array;
+  readonly cqHead: number;
+  readonly cqTail: number;
+  readonly cqMask: number;
+  /** Where the CQEs start. */
+  readonly cqes: number;
+  readonly #maps: Mapping[] = [];
+
+  constructor(fd: number, params: Uint32Array, sqeSize = SQE_SIZE) {
+    try {
+      const sqEntries = params[0], cqEntries = params[1], features = params[5];
+      const sqOff = 40 / 4, cqOff = 80 / 4;
+      const sqSize = params[sqOff + 6] + sqEntries * 4;
+      const cqSize = params[cqOff + 5] + cqEntries * CQE_SIZE;
+      const map = (size: number, offset: number): Mapping => {
+        const m = new Mapping(fd, size, { offset, what: "io_uring" });
+        this.#maps.push(m);
+        return m;
+      };
+      let sqMap: Mapping, cqMap: Mapping;
+      if (features & IORING_FEAT_SINGLE_MMAP) {
+        sqMap = cqMap = map(Math.max(sqSize, cqSize), IORING_OFF_SQ_RING);
+      } else {
+        sqMap = map(sqSize, IORING_OFF_SQ_RING);
+        cqMap = map(cqSize, IORING_OFF_CQ_RING);
+      }
+      this.sqes = new Uint32Array(map(sqEntries * sqeSize, IORING_OFF_SQES).bytes.buffer);
+      this.sq = new Uint32Array(sqMap.bytes.buffer);
+      this.sqHead = params[sqOff] / 4;
+      this.sqTail = params[sqOff + 1] / 4;
+      this.sqMask = this.sq[params[sqOff + 2] / 4];
+      this.sqArray = params[sqOff + 6] / 4;
+      this.cq = new Uint32Array(cqMap.bytes.buffer);
+      this.cqHead = params[cqOff] / 4;
+      this.cqTail = params[cqOff + 1] / 4;
+      this.cqMask = this.cq[params[cqOff + 2] / 4];
+      this.cqes = params[cqOff + 5] / 4;
+    } catch (e) {
+      this[Symbol.dispose]();
+      throw e;
+    }
+  }
+
+  [Symbol.dispose](): void {
+    for (const m of this.#maps) m[Symbol.dispose]();
+    this.#maps.length = 0;
+  }
 }

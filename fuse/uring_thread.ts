@@ -13,14 +13,10 @@
 /// <reference lib="deno.worker" />
 import { FENCE, FENCE_OPEN } from "../drivers/direct_access.ts";
 import { SysError } from "../ffi/errno.ts";
-import { AlignedMemory, foreignMemory, Mapping } from "../ffi/memory.ts";
+import { AlignedMemory, foreignMemory } from "../ffi/memory.ts";
 import {
   CQE_SIZE,
   IORING_ENTER_GETEVENTS,
-  IORING_FEAT_SINGLE_MMAP,
-  IORING_OFF_CQ_RING,
-  IORING_OFF_SQ_RING,
-  IORING_OFF_SQES,
   IORING_OP_READ,
   IORING_OP_URING_CMD,
   IORING_OP_WRITE,
@@ -29,6 +25,7 @@ import {
   IORING_SETUP_SQE128,
   liburing,
   PARAMS_SIZE,
+  RingMaps,
 } from "../ffi/uring.ts";
 import { libc } from "../ffi/libc.ts";
 import { OpStats, STATS_CELLS } from "../serve/stats.ts";
@@ -118,29 +115,17 @@ class UringLoop implements Disposable {
     if (fd < 0) throw new SysError(-fd, "io_uring_setup");
     this.#ringFd = fd;
     this.#cleanup.defer(() => libc.close(fd));
-    const sqOff = 40 / 4, cqOff = 80 / 4;
-    const sqEntries = params[0], cqEntries = params[1];
-    const sqSize = params[sqOff + 6] + sqEntries * 4;
-    const cqSize = params[cqOff + 5] + cqEntries * CQE_SIZE;
-    const map = (size: number, offset: number) =>
-      this.#cleanup.use(new Mapping(fd, size, { offset, what: "io_uring" }));
-    let sqMap: Mapping, cqMap: Mapping;
-    if (params[5] & IORING_FEAT_SINGLE_MMAP) {
-      sqMap = cqMap = map(Math.max(sqSize, cqSize), IORING_OFF_SQ_RING);
-    } else {
-      sqMap = map(sqSize, IORING_OFF_SQ_RING);
-      cqMap = map(cqSize, IORING_OFF_CQ_RING);
-    }
-    this.#sqes = new Uint32Array(map(sqEntries * SQE128_WORDS * 4, IORING_OFF_SQES).bytes.buffer);
-    this.#sq = new Uint32Array(sqMap.bytes.buffer);
-    this.#sqTail = params[sqOff + 1] / 4;
-    this.#sqMask = this.#sq[params[sqOff + 2] / 4];
-    this.#sqArray = params[sqOff + 6] / 4;
-    this.#cq = new Uint32Array(cqMap.bytes.buffer);
-    this.#cqHead = params[cqOff] / 4;
-    this.#cqTail = params[cqOff + 1] / 4;
-    this.#cqMask = this.#cq[params[cqOff + 2] / 4];
-    this.#cqes = params[cqOff + 5] / 4;
+    const r = this.#cleanup.use(new RingMaps(fd, params, SQE128_WORDS * 4));
+    this.#sq = r.sq;
+    this.#sqTail = r.sqTail;
+    this.#sqMask = r.sqMask;
+    this.#sqArray = r.sqArray;
+    this.#sqes = r.sqes;
+    this.#cq = r.cq;
+    this.#cqHead = r.cqHead;
+    this.#cqTail = r.cqTail;
+    this.#cqMask = r.cqMask;
+    this.#cqes = r.cqes;
     this.#tail = this.#sq[this.#sqTail];
 
     // Each entry's two iovecs (header, payload), in one block the kernel reads at REGISTER.

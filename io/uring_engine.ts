@@ -5,15 +5,10 @@
  */
 import { checkNeg, SysError } from "../ffi/errno.ts";
 import { FileHandle } from "../ffi/file.ts";
-import { Mapping } from "../ffi/memory.ts";
 import { EAGAIN, EINTR } from "../ffi/constants.ts";
 import {
   CQE_SIZE,
-  IORING_FEAT_SINGLE_MMAP,
   IORING_FSYNC_DATASYNC,
-  IORING_OFF_CQ_RING,
-  IORING_OFF_SQ_RING,
-  IORING_OFF_SQES,
   IORING_OP_FALLOCATE,
   IORING_OP_FSYNC,
   IORING_OP_READ,
@@ -23,6 +18,7 @@ import {
   IORING_REGISTER_EVENTFD,
   liburing,
   PARAMS_SIZE,
+  RingMaps,
   SQE_SIZE,
 } from "../ffi/uring.ts";
 import type { EngineOptions } from "./engine.ts";
@@ -44,7 +40,7 @@ export class UringEngine extends QueueEngine {
   protected readonly queuesFallocate = true;
   readonly #lib = liburing();
   readonly #ring: FileHandle;
-  readonly #maps: Mapping[] = [];
+  #rings: RingMaps | null = null;
   readonly #sq: Uint32Array; // over the SQ ring mapping
   readonly #sqHead: number; // word indexes into #sq
   readonly #sqTail: number;
@@ -65,29 +61,18 @@ export class UringEngine extends QueueEngine {
     const fd = checkNeg(lib.io_uring_setup(this.depth, params), "io_uring_setup");
     this.#ring = new FileHandle(fd, "io_uring");
     try {
-      const sqEntries = params[0], cqEntries = params[1], features = params[5];
-      const sqOff = 40 / 4, cqOff = 80 / 4;
-      const sqSize = params[sqOff + 6] + sqEntries * 4;
-      const cqSize = params[cqOff + 5] + cqEntries * CQE_SIZE;
-      let sqMap: Mapping, cqMap: Mapping;
-      if (features & IORING_FEAT_SINGLE_MMAP) {
-        sqMap = cqMap = this.#map(Math.max(sqSize, cqSize), IORING_OFF_SQ_RING);
-      } else {
-        sqMap = this.#map(sqSize, IORING_OFF_SQ_RING);
-        cqMap = this.#map(cqSize, IORING_OFF_CQ_RING);
-      }
-      const sqesMap = this.#map(sqEntries * SQE_SIZE, IORING_OFF_SQES);
-      this.#sq = new Uint32Array(sqMap.bytes.buffer);
-      this.#sqHead = params[sqOff] / 4;
-      this.#sqTail = params[sqOff + 1] / 4;
-      this.#sqMask = this.#sq[params[sqOff + 2] / 4];
-      this.#sqArray = params[sqOff + 6] / 4;
-      this.#sqes = new Uint32Array(sqesMap.bytes.buffer);
-      this.#cq = new Uint32Array(cqMap.bytes.buffer);
-      this.#cqHead = params[cqOff] / 4;
-      this.#cqTail = params[cqOff + 1] / 4;
-      this.#cqMask = this.#cq[params[cqOff + 2] / 4];
-      this.#cqes = params[cqOff + 5] / 4;
+      const r = this.#rings = new RingMaps(fd, params);
+      this.#sq = r.sq;
+      this.#sqHead = r.sqHead;
+      this.#sqTail = r.sqTail;
+      this.#sqMask = r.sqMask;
+      this.#sqArray = r.sqArray;
+      this.#sqes = r.sqes;
+      this.#cq = r.cq;
+      this.#cqHead = r.cqHead;
+      this.#cqTail = r.cqTail;
+      this.#cqMask = r.cqMask;
+      this.#cqes = r.cqes;
       this.#tail = this.#sq[this.#sqTail];
       const efd = new Int32Array([this.eventfd.fd]);
       checkNeg(lib.io_uring_register(fd, IORING_REGISTER_EVENTFD, efd, 1), "io_uring_register");
@@ -95,12 +80,6 @@ export class UringEngine extends QueueEngine {
       this.#release();
       throw e;
     }
-  }
-
-  #map(size: number, offset: number): Mapping {
-    const m = new Mapping(this.#ring.fd, size, { offset, what: "io_uring" });
-    this.#maps.push(m);
-    return m;
   }
 
   protected prepare(slot: number, p: Prepared): void {
@@ -177,8 +156,8 @@ export class UringEngine extends QueueEngine {
   }
 
   #release(): void {
-    for (const m of this.#maps) m[Symbol.dispose]();
-    this.#maps.length = 0;
+    this.#rings?.[Symbol.dispose]();
+    this.#rings = null;
     this.#ring.close();
   }
 }
