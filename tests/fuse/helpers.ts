@@ -5,8 +5,10 @@
  */
 import assert from "node:assert/strict";
 import { describe, ROOT, run, runOk, sleep } from "../nbd/helpers.ts";
-import { loopUnavailable } from "../util.ts";
+import { assertBytes, loopUnavailable, rng } from "../util.ts";
 import { findMount, resolveMountPoint } from "../../fuse/mount.ts";
+import { openDisk } from "../../drivers/mod.ts";
+import type { DiskGate } from "../../serve/gate.ts";
 
 export { describe, ROOT, run, runOk, sleep };
 export const KiB = 1024, MiB = 1024 * KiB;
@@ -383,4 +385,56 @@ export async function makeFileSystem(
     });
   }, extra);
   return sums;
+}
+
+/**
+ * For an export served in this process by a data path off the event loop (I/O threads, the
+ * io_uring ring): `ctl pause` holds its direct writes until resume, and after a resume on another
+ * raw image every write goes there. `serve(img, fn)` mounts `tap:aio:img` at `mp` and runs `fn`
+ * with the disk's gate.
+ */
+export async function checkPauseAndReopen(
+  dir: string,
+  mp: string,
+  seed: number,
+  serve: (img: string, fn: (gate: DiskGate) => Promise<void>) => Promise<void>,
+): Promise<void> {
+  const img = `${dir}/disk.img`, next = `${dir}/next.img`;
+  rawImage(img, 8 * MiB);
+  rawImage(next, 8 * MiB);
+  const one = rng(seed).fill(new Uint8Array(256 * KiB)),
+    two = rng(seed + 1).fill(new Uint8Array(256 * KiB));
+  Deno.writeFileSync(`${dir}/one`, one);
+  Deno.writeFileSync(`${dir}/two`, two);
+  const zeros = new Uint8Array(one.length);
+  const slice = (path: string, at: number) => pread(path, at, one.length);
+  const write = (from: string, at: number) =>
+    run("dd", [
+      `if=${from}`,
+      `of=${mp}`,
+      "bs=64k",
+      `seek=${at / (64 * KiB)}`,
+      "conv=notrunc",
+      "oflag=direct",
+      "status=none",
+    ]);
+  await serve(img, async (gate) => {
+    await gate.pause();
+    let finished = false;
+    const pending = write(`${dir}/one`, MiB).finally(() => finished = true);
+    await sleep(500);
+    assert.equal(finished, false, "a write completed while the disk was paused");
+    assertBytes(slice(img, MiB), zeros, "the image while paused");
+    await gate.resume();
+    const w = await pending;
+    assert.equal(w.code, 0, w.stderr);
+    assertBytes(slice(img, MiB), one, "the image after resume");
+
+    await gate.pause();
+    await gate.resume(await openDisk(`tap:aio:${next}`, {}));
+    const w2 = await write(`${dir}/two`, 2 * MiB);
+    assert.equal(w2.code, 0, w2.stderr);
+    assertBytes(slice(next, 2 * MiB), two, "the new image");
+    assertBytes(slice(img, 2 * MiB), zeros, "the old image");
+  });
 }

@@ -12,6 +12,7 @@ import { ENABLE_URING } from "../../fuse/uring.ts";
 import { DiskGate } from "../../serve/gate.ts";
 import { assertBytes, rng, withTempDir } from "../util.ts";
 import {
+  checkPauseAndReopen,
   cleanupMount,
   fuseLoopUnavailable,
   FuseServe,
@@ -116,35 +117,8 @@ Deno.test({
   ignore: skip !== null,
   async fn() {
     await withTempDir(async (dir) => {
-      const img = `${dir}/disk.img`, next = `${dir}/next.img`, mp = mountPointFile(`${dir}/d`);
-      rawImage(img, 8 * MiB);
-      rawImage(next, 8 * MiB);
-      const one = rng(11).fill(new Uint8Array(256 * 1024)),
-        two = rng(12).fill(new Uint8Array(256 * 1024));
-      Deno.writeFileSync(`${dir}/one`, one);
-      Deno.writeFileSync(`${dir}/two`, two);
-      const zeros = new Uint8Array(one.length);
-      const write = (from: string, seek: number) =>
-        dd([`if=${from}`, `of=${mp}`, "bs=64k", `seek=${seek}`, "conv=notrunc", "oflag=direct"]);
-      await served(`tap:aio:${img}`, mp, async (gate) => {
-        await gate.pause();
-        let finished = false;
-        const pending = write(`${dir}/one`, 16).finally(() => finished = true);
-        await sleep(500);
-        assert.equal(finished, false, "a write completed while the disk was paused");
-        assertBytes(slice(img, MiB, one.length), zeros, "the image while paused");
-        await gate.resume();
-        const w = await pending;
-        assert.equal(w.code, 0, w.stderr);
-        assertBytes(slice(img, MiB, one.length), one, "the image after resume");
-
-        await gate.pause();
-        await gate.resume(await openDisk(`tap:aio:${next}`, {}));
-        const w2 = await write(`${dir}/two`, 32);
-        assert.equal(w2.code, 0, w2.stderr);
-        assertBytes(slice(next, 2 * MiB, two.length), two, "the new image");
-        assertBytes(slice(img, 2 * MiB, two.length), zeros, "the old image");
-      });
+      const mp = mountPointFile(`${dir}/d`);
+      await checkPauseAndReopen(dir, mp, 11, (img, fn) => served(`tap:aio:${img}`, mp, fn));
     });
   },
 });
