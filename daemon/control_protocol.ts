@@ -37,6 +37,8 @@ export type ControlRequest =
     ioThreads: number | null;
     /** FUSE over io_uring for the `fuse` export (a raw disk; else /dev/fuse, with a warning). */
     uring: boolean;
+    /** Read ahead of sequential readers (tapdisk's default; false: --no-read-ahead). */
+    readAhead: boolean;
   }
   | { verb: "list" }
   | { verb: "detach" | "pause" | "stats"; id: number }
@@ -185,6 +187,7 @@ export function parseRequest(line: string): ControlRequest {
         passthrough,
         ioThreads: threads,
         uring,
+        readAhead: field<boolean>(req, "readAhead", "boolean", true),
       };
     }
     default:

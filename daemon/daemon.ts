@@ -51,6 +51,8 @@ export interface AttachRequest {
   ioThreads?: number | null;
   /** FUSE over io_uring for the `fuse` export (absent: off). */
   uring?: boolean;
+  /** False: the tapdisk does not read ahead (absent: it does). */
+  readAhead?: boolean;
 }
 
 interface Entry {
@@ -148,6 +150,7 @@ export class Daemon {
     if (xen !== null) args.push("--xen", formatXenTarget(xen));
     if (req.readOnly) args.push("--read-only");
     if (req.pollMicros) args.push("--poll-us", String(req.pollMicros));
+    if (req.readAhead === false) args.push("--no-read-ahead");
     const log = this.#log.with({ disk: id });
     const child = new TapdiskChild(args, log, (e) => this.#exportEnded(entry, e.export, e.reason));
     const entry: Entry = {

@@ -41,6 +41,11 @@ export function statsTable(s: DiskStats): string {
       `${o.p99Micros} µs`,
     ]);
   }
+  const ahead = s.readAhead === null
+    ? "read-ahead off"
+    : `read-ahead: ${s.readAhead.hits} reads answered from ${
+      formatSize(s.readAhead.fetchedBytes)
+    } read ahead`;
   return `disk ${s.id}: ${s.paused ? "paused" : "running"}, ${s.inFlight} in flight\n` +
-    table(rows);
+    table(rows) + `\n${ahead}`;
 }

@@ -34,6 +34,8 @@ export interface TapdiskOptions {
   ioThreads?: number;
   /** FUSE over io_uring for `fuse` (a raw disk; where the kernel lacks it: /dev/fuse). */
   uring?: boolean;
+  /** Read ahead of sequential readers (serve/read_ahead.ts; default true). */
+  readAhead?: boolean;
   /** A Xen guest device to serve the disk to (from dom0), or null. */
   xen: XenTarget | null;
   /** xenstored's socket, or the xenbus device if it starts with /dev/ (default: either). */
@@ -97,7 +99,7 @@ export class TapdiskServer {
       ...this.#tuning(),
       pollMicros: o.pollMicros,
     });
-    const gate = this.#gate = new DiskGate(disk);
+    const gate = this.#gate = new DiskGate(disk, { readAhead: o.readAhead });
     const exports: string[] = [], uris: string[] = [];
     try {
       if (o.ring !== null) {

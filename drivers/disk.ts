@@ -76,6 +76,11 @@ export class Disk implements AsyncDisposable {
       this.#track(this.#impl.blockStatus(offset, length));
   }
 
+  /** Other processes change the data without passing here (a shared RAM disk): no caching. */
+  get changedElsewhere(): boolean {
+    return this.#impl.changedElsewhere === true;
+  }
+
   /** The file holding the disk byte for byte, if its driver has one (DiskImpl.passthroughFile). */
   passthroughFile(): FileHandle | null {
     return this.#impl.passthroughFile?.() ?? null;

@@ -78,6 +78,11 @@ export interface DiskImpl {
    * Drivers that map, cache or count their data leave it out.
    */
   passthroughFile?(): FileHandle | null;
+  /**
+   * True when other processes change the disk's data without passing through this open disk
+   * (a shared RAM disk), so nothing read may be kept for later reads.
+   */
+  changedElsewhere?: boolean;
 }
 
 /** How to open a disk; drivers ignore what does not apply to them. */

@@ -58,6 +58,7 @@ function layout(size: number): { bitmapWords: number; dataOffset: number; total:
 
 class RamDisk implements DiskImpl {
   readonly info: DiskInfo;
+  readonly changedElsewhere = true;
   readonly #name: string;
   readonly #shm: FileHandle;
   readonly #map: Mapping;

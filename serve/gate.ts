@@ -12,11 +12,14 @@ import { DiskError } from "../drivers/errors.ts";
 import type { BlockTarget } from "../drivers/target.ts";
 import { type Buffers, byteLength } from "../io/engine.ts";
 import { type Op, OPS, OpStats, type OpSummary, summarize } from "./stats.ts";
+import { ReadAhead, type ReadAheadStats } from "./read_ahead.ts";
 
 export interface GateStats {
   paused: boolean;
   inFlight: number;
   ops: Record<Op, OpSummary>;
+  /** Sequential reads answered from memory read ahead; null when read-ahead is off. */
+  readAhead: ReadAheadStats | null;
 }
 
 export class DiskGate implements BlockTarget {
@@ -31,9 +34,23 @@ export class DiskGate implements BlockTarget {
   readonly #writeStats = this.#stats.get("write")!;
   /** Raw files lent to I/O threads: held, counted and closed with the gate. */
   readonly #lent: DirectAccess[] = [];
+  /** Off for disks changed by writers that do not pass here (see #stopReadAhead). */
+  #ahead: ReadAhead | null;
 
-  constructor(disk: Disk) {
+  /** `readAhead` false: every read goes to the disk (read-ahead is on by default). */
+  constructor(disk: Disk, options: { readAhead?: boolean } = {}) {
     this.#disk = disk;
+    this.#ahead = options.readAhead === false || disk.changedElsewhere ? null : new ReadAhead(
+      (offset, bufs, done) => this.#disk.submit(false, offset, bufs, done),
+      (offset, buf, done) => {
+        this.#inflight++;
+        this.#disk.submit(false, offset, buf, (e) => {
+          this.#left();
+          done(e);
+        });
+      },
+      disk.size,
+    );
   }
 
   get disk(): Disk {
@@ -61,7 +78,9 @@ export class DiskGate implements BlockTarget {
    * they are neither counted nor held (the tapdisk refuses to pause such a disk).
    */
   passthroughFile(): FileHandle | null {
-    return this.#disk.passthroughFile();
+    const file = this.#disk.passthroughFile();
+    if (file !== null) this.#stopReadAhead();
+    return file;
   }
 
   /**
@@ -71,17 +90,28 @@ export class DiskGate implements BlockTarget {
   directAccess(): DirectAccess | null {
     const access = this.#disk.directAccess();
     if (access === null) return null;
+    this.#stopReadAhead();
     if (this.#held !== null) void access.hold();
     this.#lent.push(access);
     return access;
   }
 
   read(offset: number, bufs: Buffers): Promise<void> {
-    return this.#run("read", byteLength(bufs), (d) => d.read(offset, bufs));
+    return this.#run("read", byteLength(bufs), (d) => {
+      const ahead = this.#ahead;
+      if (ahead === null) return d.read(offset, bufs);
+      return new Promise((resolve, reject) => {
+        ahead.read(offset, bufs, (e) => e === null ? resolve() : reject(e));
+      });
+    });
   }
 
   write(offset: number, bufs: Buffers): Promise<void> {
-    return this.#run("write", byteLength(bufs), (d) => d.write(offset, bufs));
+    return this.#change(
+      offset,
+      byteLength(bufs),
+      () => this.#run("write", byteLength(bufs), (d) => d.write(offset, bufs)),
+    );
   }
 
   submit(write: boolean, offset: number, bufs: Buffers, done: DiskDone): void {
@@ -92,11 +122,21 @@ export class DiskGate implements BlockTarget {
     const stats = write ? this.#writeStats : this.#readStats;
     const bytes = byteLength(bufs), start = stats.start();
     this.#inflight++;
-    this.#disk.submit(write, offset, bufs, (e) => {
+    const finish = (e: Error | null): void => {
       stats.end(start, bytes, e !== null);
       this.#left();
       done(e);
-    });
+    };
+    const ahead = this.#ahead;
+    if (ahead === null) this.#disk.submit(write, offset, bufs, finish);
+    else if (!write) ahead.read(offset, bufs, finish);
+    else {
+      ahead.changed(offset, offset + bytes);
+      this.#disk.submit(true, offset, bufs, (e) => {
+        this.#ahead?.changed(offset, offset + bytes);
+        finish(e);
+      });
+    }
   }
 
   flush(): Promise<void> {
@@ -104,11 +144,19 @@ export class DiskGate implements BlockTarget {
   }
 
   discard(offset: number, length: number): Promise<void> {
-    return this.#run("discard", length, (d) => d.discard(offset, length));
+    return this.#change(
+      offset,
+      length,
+      () => this.#run("discard", length, (d) => d.discard(offset, length)),
+    );
   }
 
   writeZeroes(offset: number, length: number, options: { mayUnmap?: boolean } = {}): Promise<void> {
-    return this.#run("writeZeroes", length, (d) => d.writeZeroes(offset, length, options));
+    return this.#change(
+      offset,
+      length,
+      () => this.#run("writeZeroes", length, (d) => d.writeZeroes(offset, length, options)),
+    );
   }
 
   blockStatus(offset: number, length: number): Promise<Extent[]> {
@@ -139,6 +187,8 @@ export class DiskGate implements BlockTarget {
       }
       const old = this.#disk;
       this.#disk = next;
+      if (next.changedElsewhere) this.#stopReadAhead();
+      else this.#ahead?.clear();
       // The threads' file is the old image: from now on everything comes through here.
       await Promise.all(this.#lent.map((access) => access.close()));
       await old.close();
@@ -151,6 +201,7 @@ export class DiskGate implements BlockTarget {
 
   /** Waits for requests in flight and closes the disk; held requests fail. */
   async close(): Promise<void> {
+    this.#stopReadAhead();
     const disk = this.#disk;
     const release = this.#release;
     this.#held = this.#release = null;
@@ -170,7 +221,23 @@ export class DiskGate implements BlockTarget {
     }
     ops.read = summarize(read);
     ops.write = summarize(write);
-    return { paused: this.paused, inFlight, ops };
+    return { paused: this.paused, inFlight, ops, readAhead: this.#ahead?.stats() ?? null };
+  }
+
+  /** A change: windows read ahead over it are dropped when it starts and when it ends. */
+  async #change(offset: number, length: number, run: () => Promise<void>): Promise<void> {
+    this.#ahead?.changed(offset, offset + length);
+    try {
+      await run();
+    } finally {
+      this.#ahead?.changed(offset, offset + length);
+    }
+  }
+
+  /** Writes will bypass the gate (I/O threads, passthrough): windows could go stale. */
+  #stopReadAhead(): void {
+    this.#ahead?.clear();
+    this.#ahead = null;
   }
 
   async #run<T>(op: Op, bytes: number, call: (disk: Disk) => Promise<T>): Promise<T> {

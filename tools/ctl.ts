@@ -28,6 +28,7 @@ const OPTIONS_OF: Readonly<Record<string, readonly string[]>> = {
     "xen",
     "read-only",
     "poll-us",
+    "no-read-ahead",
     "json",
   ],
   list: ["json"],
@@ -80,7 +81,7 @@ export const ctlCommand: Command = {
 
   attach SPEC [--nbd ADDR …] [--ring unix:PATH]
               [--fuse PATH [--passthrough] [--io-threads N] [--fuse-uring]]
-              [--xen DOMID[:VDEV]] [--read-only] [--poll-us N]
+              [--xen DOMID[:VDEV]] [--read-only] [--poll-us N] [--no-read-ahead]
                       serve the disk SPEC (tap:TYPE:PATH) in a new tapdisk process; prints its
                       ID. ADDR: unix:PATH or tcp:HOST[:PORT]. --fuse PATH mounts the disk over
                       the existing regular file PATH (use it with losetup --direct-io=on);
@@ -94,6 +95,8 @@ export const ctlCommand: Command = {
                       xvda; the daemon must run in dom0, see docs/xen.md). With no export
                       given it is served over NBD on STATE_DIR/nbd/ID.sock. --poll-us N: the
                       tapdisk polls instead of sleeping while busy (see tapd help tapdisk).
+                      --no-read-ahead: no reading ahead of sequential readers (see tapd
+                      help serve).
   list [--json]       the disks: ID, state (starting, running, paused, stopping, failed), the
                       tapdisk's PID, size, spec, exports, and why a failed disk failed
   detach ID           stop serving (requests in flight finish, the disk is flushed and closed);
@@ -122,6 +125,7 @@ export const ctlCommand: Command = {
       passthrough: { type: "boolean" },
       "io-threads": { type: "string" },
       "fuse-uring": { type: "boolean" },
+      "no-read-ahead": { type: "boolean" },
       reopen: { type: "string" },
       json: { type: "boolean", default: false },
     });
@@ -163,6 +167,7 @@ export const ctlCommand: Command = {
           passthrough: values.passthrough ?? false,
           ioThreads: parseIoThreads(values["io-threads"], values.fuse, "ctl: attach") ?? null,
           uring: parseFuseUring(values["fuse-uring"], values.fuse, "ctl: attach"),
+          readAhead: !values["no-read-ahead"],
         };
         if (values.passthrough && values.fuse === undefined) {
           throw new UsageError("ctl: attach: --passthrough is an option of --fuse PATH");

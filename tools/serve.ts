@@ -12,6 +12,7 @@ import { ENGINE_KINDS, SERVER_ENGINE } from "../io/engine.ts";
 import { formatNbdAddress, nbdUri, parseNbdAddress } from "../nbd/address.ts";
 import { NbdServer } from "../nbd/server.ts";
 import { FuseExport, MountError } from "../fuse/export.ts";
+import { DiskGate } from "../serve/gate.ts";
 import type { Logger } from "../cli/log.ts";
 
 export const serveCommand: Command = {
@@ -20,6 +21,7 @@ export const serveCommand: Command = {
   usage: `Usage: tapd serve SPEC [--nbd ADDR …]
                   [--fuse PATH [--passthrough] [--io-threads N] [--fuse-uring]] [--read-only]
                   [--export-name NAME] [--engine aio|uring|sync] [--poll-us N]
+                  [--no-read-ahead]
 
 Serves the disk SPEC (tap:TYPE:PATH) until SIGTERM or SIGINT; give at least one export:
   --nbd ADDR    an NBD listener, unix:PATH or tcp:HOST[:PORT] (port 10809 by default);
@@ -48,6 +50,10 @@ Serves the disk SPEC (tap:TYPE:PATH) until SIGTERM or SIGINT; give at least one 
   --poll-us N   look for FUSE requests and for completions instead of sleeping until woken,
                 until N µs pass without a request arriving or completing (default 0): a CPU
                 for more IOPS on a busy disk.
+  --no-read-ahead  read only what is asked for. By default, once large reads (128 KiB
+                or more) follow one another, the next 4 MiB are read ahead into memory
+                (16 MiB a disk at most), so a sequential reader that waits for its
+                requests is answered from there; writes drop what they overlap.
 
 SIGTERM unmounts the FUSE file; while something still uses it (a loop device, an open file)
 tapd says so and goes on serving: detach it, or send SIGTERM again to abort the mount (its
@@ -70,6 +76,7 @@ Examples:
       passthrough: { type: "boolean", default: false },
       "io-threads": { type: "string" },
       "fuse-uring": { type: "boolean", default: false },
+      "no-read-ahead": { type: "boolean", default: false },
     });
     if (positionals.length !== 1) throw new UsageError("serve: expected one disk spec");
     const addresses = (values.nbd ?? []).map((a) => parseNbdAddress(a));
@@ -102,8 +109,10 @@ Examples:
       ...SERVER_ENGINE,
       pollMicros,
     });
+    // The exports' front (read-ahead; pause and stats are the daemon's, over the same gate).
+    const gate = new DiskGate(disk, { readAhead: !values["no-read-ahead"] });
     try {
-      const server = new NbdServer(disk, {
+      const server = new NbdServer(gate, {
         exportName,
         readOnly: values["read-only"],
         log: log.with({ component: "nbd" }),
@@ -120,7 +129,7 @@ Examples:
           console.log(nbdUri(bound, exportName));
         }
         if (fusePath !== undefined) {
-          fuse = new FuseExport(disk, fusePath, {
+          fuse = new FuseExport(gate, fusePath, {
             readOnly: values["read-only"],
             // NBD clients write behind the page cache's back: the file must not cache.
             directIo: addresses.length > 0,
@@ -142,9 +151,9 @@ Examples:
         if (fuse !== null) await closeFuse(fuse, signals, log);
         signals[Symbol.dispose]();
       }
-      if (!disk.info.readOnly) await disk.flush();
+      if (!disk.info.readOnly) await gate.flush();
     } finally {
-      await disk.close();
+      await gate.close();
     }
     log.info("stopped");
     return 0;

@@ -27,7 +27,7 @@ export const tapdiskCommand: Command = {
   usage: `Usage: tapd tapdisk SPEC [--ring unix:PATH] [--nbd ADDR …] [--fuse PATH [--passthrough]
                     [--io-threads N] [--fuse-uring]] [--xen DOMID[:VDEV]] [--xenstore PATH]
                     [--read-only] [--export-name NAME] [--engine aio|uring|sync]
-                    [--poll-us N] [--control stdio]
+                    [--poll-us N] [--no-read-ahead] [--control stdio]
 
 Opens the disk SPEC (tap:TYPE:PATH) and serves it until SIGTERM or SIGINT; give at least one
 export:
@@ -53,6 +53,8 @@ export:
                      sleeping until woken, until N µs pass without a request arriving or
                      completing (default 0: sleep): a CPU for more IOPS and lower latency on a
                      busy disk (docs/performance.md).
+  --no-read-ahead    read only what is asked for (by default sequential readers are read
+                     ahead of, 4 MiB, from memory; see tapd help serve).
   --control stdio    run under \`tapd daemon\`: JSON-line commands on stdin (pause, resume,
                      stats, stop), replies and a "ready" event on stdout (docs/daemon.md); end
                      of stdin stops the disk, SIGINT is left to the daemon.
@@ -76,6 +78,7 @@ mount (its users get I/O errors). A \`stop\` command is refused instead, and the
       passthrough: { type: "boolean", default: false },
       "io-threads": { type: "string" },
       "fuse-uring": { type: "boolean", default: false },
+      "no-read-ahead": { type: "boolean", default: false },
       control: { type: "string" },
     });
     if (positionals.length !== 1) throw new UsageError("tapdisk: expected one disk spec");
@@ -137,6 +140,7 @@ mount (its users get I/O errors). A \`stop\` command is refused instead, and the
       passthrough: values.passthrough,
       ioThreads,
       uring,
+      readAhead: !values["no-read-ahead"],
       xen,
       xenstore,
       xenUnplugTimeoutMs: unplugTimeout === undefined ? undefined : Number(unplugTimeout),

@@ -34,5 +34,24 @@ Deno.test("daemon: stats counts requests and bytes per op, with p50/p99 latencie
     assert.match(text, /^disk 0: running, 0 in flight\n/);
     assert.match(text, /\nOP\s+REQUESTS\s+BYTES\s+ERRORS\s+P50\s+P99\n/);
     assert.match(text, /\nwrite\s+8\s+512 KiB\s+0\s+\d+ µs\s+\d+ µs\n/);
+    assert.match(text, /\nread-ahead: 0 reads answered from 0 B read ahead\n$/);
+  });
+});
+
+Deno.test("daemon: stats counts reads answered from read-ahead; --no-read-ahead turns it off", async () => {
+  await withDaemon(async (d) => {
+    const disk = await d.attach(rawImage(d, "a.img"));
+    const off = await d.attach(rawImage(d, "b.img"), "--no-read-ahead");
+    // A sequential reader of 256 KiB requests, one at a time.
+    const reads = Array.from({ length: 16 }, (_, i) => `read -P 0 ${i * 262144} 256k`);
+    await qemuIo(unixUri(disk), ...reads);
+    await qemuIo(unixUri(off), ...reads);
+    const s = await d.stats(disk.id);
+    assert.ok(s.readAhead !== null && s.readAhead.hits >= 12, JSON.stringify(s.readAhead));
+    assert.ok(s.readAhead.fetchedBytes >= 12 * 262144);
+    assert.equal((await d.stats(off.id)).readAhead, null);
+    assert.match((await d.ctlOk("stats", String(off.id))).stdout, /\nread-ahead off\n$/);
+    const usage = await d.ctl("attach", rawImage(d, "c.img"), "--no-read-ahead=x");
+    assert.notEqual(usage.code, 0);
   });
 });

@@ -1,0 +1,257 @@
+/** ReadAhead: sequential readers are answered from windows read ahead, never with stale data. */
+import assert from "node:assert/strict";
+import { openDisk } from "../../drivers/mod.ts";
+import type { DiskDone } from "../../drivers/driver.ts";
+import { BufferPool, sharedPool } from "../../io/buffer_pool.ts";
+import type { Buffers } from "../../io/engine.ts";
+import { DiskGate } from "../../serve/gate.ts";
+import { ReadAhead } from "../../serve/read_ahead.ts";
+import { assertBytes, withTempDir } from "../util.ts";
+
+const KiB = 1024, MiB = 1024 * KiB;
+
+/**
+ * A disk in memory whose reads take the data when issued and complete when `settle` is called,
+ * so a test can put a write between a window's read and its completion.
+ */
+class SlowDisk {
+  readonly data: Uint8Array;
+  readonly pending: (() => void)[] = [];
+  reads = 0;
+  fetches = 0;
+  failFetches = false;
+
+  constructor(size: number) {
+    this.data = new Uint8Array(size);
+    for (let i = 0; i < size; i += 4) this.data[i] = (i / 4) & 0xff;
+  }
+
+  issuer(fetch: boolean): (offset: number, bufs: Buffers, done: DiskDone) => void {
+    return (offset, bufs, done) => {
+      if (fetch) this.fetches++;
+      else this.reads++;
+      let at = offset;
+      for (const b of bufs instanceof Uint8Array ? [bufs] : bufs) {
+        b.set(this.data.subarray(at, at + b.length));
+        at += b.length;
+      }
+      const failed = fetch && this.failFetches;
+      this.pending.push(() => done(failed ? new Error("EIO") : null));
+    };
+  }
+
+  /** Completes every read issued so far (and those they issue in turn). */
+  async settle(): Promise<void> {
+    while (this.pending.length > 0) this.pending.shift()!();
+    await Promise.resolve();
+  }
+
+  write(offset: number, value: number, length: number): void {
+    this.data.fill(value, offset, offset + length);
+  }
+}
+
+function readAhead(disk: SlowDisk, pool: BufferPool, maxAhead?: number): ReadAhead {
+  return new ReadAhead(disk.issuer(false), disk.issuer(true), disk.data.length, {
+    pool,
+    maxAhead,
+  });
+}
+
+/** Starts a read; resolves with the buffer once it completes. */
+function read(ra: ReadAhead, offset: number, length: number): Promise<Uint8Array> {
+  const buf = new Uint8Array(length);
+  return new Promise((resolve, reject) => {
+    ra.read(offset, buf, (e) => e === null ? resolve(buf) : reject(e));
+  });
+}
+
+Deno.test("read-ahead: a sequential reader is answered from windows, byte for byte", async () => {
+  using pool = new BufferPool();
+  const disk = new SlowDisk(16 * MiB);
+  const ra = readAhead(disk, pool);
+  const size = 256 * KiB;
+  for (let offset = 0; offset < 12 * MiB; offset += size) {
+    const got = read(ra, offset, size);
+    await disk.settle();
+    assertBytes(await got, disk.data.subarray(offset, offset + size), `read at ${offset}`);
+  }
+  // The first two reads go to the disk (the second shows the reader is sequential).
+  assert.equal(disk.reads, 2);
+  assert.equal(ra.stats().hits, 12 * MiB / size - 2);
+  ra.clear();
+  await disk.settle();
+  assert.equal(pool.outstanding, 0, "window buffers not given back");
+});
+
+Deno.test("read-ahead: a read that spans windows, into scattered buffers", async () => {
+  using pool = new BufferPool();
+  const disk = new SlowDisk(8 * MiB);
+  const ra = readAhead(disk, pool);
+  for (const offset of [0, 128 * KiB, 256 * KiB]) {
+    const got = read(ra, offset, 128 * KiB);
+    await disk.settle();
+    await got;
+  }
+  // Windows of 128 KiB from 384 KiB: this read covers parts of three of them.
+  const parts = [new Uint8Array(100 * KiB), new Uint8Array(156 * KiB)];
+  const done = new Promise<void>((resolve, reject) => {
+    ra.read(400 * KiB, parts, (e) => e === null ? resolve() : reject(e));
+  });
+  await disk.settle();
+  await done;
+  assertBytes(parts[0], disk.data.subarray(400 * KiB, 500 * KiB));
+  assertBytes(parts[1], disk.data.subarray(500 * KiB, 656 * KiB));
+  assert.equal(disk.reads, 2, "the spanning read went to the disk");
+  ra.clear();
+  await disk.settle();
+  assert.equal(pool.outstanding, 0);
+});
+
+Deno.test("read-ahead: a change dropped the windows it overlaps, loaded or loading", async () => {
+  using pool = new BufferPool();
+  const disk = new SlowDisk(8 * MiB);
+  const ra = readAhead(disk, pool);
+  const size = 256 * KiB;
+  for (const offset of [0, size]) {
+    const got = read(ra, offset, size);
+    await disk.settle();
+    await got;
+  }
+  // Windows from 512 KiB are loaded. A write over 1 MiB..1.25 MiB, acknowledged:
+  ra.changed(MiB, MiB + size);
+  disk.write(MiB, 0xee, size);
+  ra.changed(MiB, MiB + size);
+  // Windows further on are still loading when a write over them starts and ends; their reads
+  // took the old data.
+  const reader = read(ra, 2 * size, size); // a hit: starts windows up to 4.75 MiB
+  ra.changed(5 * MiB - size, 5 * MiB);
+  disk.write(5 * MiB - size, 0xdd, size);
+  ra.changed(5 * MiB - size, 5 * MiB);
+  await disk.settle();
+  await reader;
+  for (let offset = 3 * size; offset < 6 * MiB; offset += size) {
+    const got = read(ra, offset, size);
+    await disk.settle();
+    assertBytes(await got, disk.data.subarray(offset, offset + size), `read at ${offset}`);
+  }
+  ra.clear();
+  await disk.settle();
+  assert.equal(pool.outstanding, 0);
+});
+
+Deno.test("read-ahead: a reader waiting for a window that a change drops reads the disk", async () => {
+  using pool = new BufferPool();
+  const disk = new SlowDisk(8 * MiB);
+  const ra = readAhead(disk, pool);
+  const size = 256 * KiB;
+  for (const offset of [0, size]) {
+    const got = read(ra, offset, size);
+    await disk.settle();
+    await got;
+  }
+  // A hit on a loaded window; it starts windows from 1 MiB, still loading when read.
+  const next = read(ra, 2 * size, size);
+  const at = 5 * size;
+  const later = read(ra, at, size);
+  ra.changed(at, at + size);
+  disk.write(at, 0x11, size);
+  ra.changed(at, at + size);
+  await disk.settle();
+  assertBytes(await next, disk.data.subarray(2 * size, 3 * size));
+  assert.equal(disk.reads, 3, "the reader of the dropped window did not read the disk");
+  assertBytes(await later, new Uint8Array(size).fill(0x11));
+  ra.clear();
+  await disk.settle();
+  assert.equal(pool.outstanding, 0);
+});
+
+Deno.test("read-ahead: windows that fail to load leave the reads to the disk", async () => {
+  using pool = new BufferPool();
+  const disk = new SlowDisk(8 * MiB);
+  disk.failFetches = true;
+  const ra = readAhead(disk, pool);
+  const size = 512 * KiB;
+  for (let offset = 0; offset < 4 * MiB; offset += size) {
+    const got = read(ra, offset, size);
+    await disk.settle();
+    assertBytes(await got, disk.data.subarray(offset, offset + size));
+  }
+  assert.equal(ra.stats().hits, 0);
+  assert.ok(disk.fetches > 0);
+  ra.clear();
+  await disk.settle();
+  assert.equal(pool.outstanding, 0);
+});
+
+Deno.test("read-ahead: small and random reads start nothing; memory stays within budget", async () => {
+  using pool = new BufferPool();
+  const disk = new SlowDisk(64 * MiB);
+  const ra = readAhead(disk, pool, 4 * MiB);
+  for (let i = 0; i < 64; i++) {
+    const got = read(ra, ((i * 37) % 64) * MiB, i % 2 === 0 ? 4 * KiB : 256 * KiB);
+    await disk.settle();
+    await got;
+  }
+  assert.equal(disk.fetches, 0);
+  // Four readers at once, each sequential: windows ahead of each, 8 MiB at most in all.
+  let most = 0;
+  for (let step = 0; step < 16; step++) {
+    const reads = [0, 1, 2, 3].map((r) => read(ra, r * 16 * MiB + step * MiB, MiB));
+    most = Math.max(most, pool.outstanding);
+    await disk.settle();
+    await Promise.all(reads);
+  }
+  assert.ok(ra.stats().hits > 0);
+  assert.ok(most <= 8, `${most} window buffers of 1 MiB outstanding`);
+  ra.clear();
+  await disk.settle();
+  assert.equal(pool.outstanding, 0);
+});
+
+Deno.test("gate: reads ahead on an image file; writes through it are read back", async () => {
+  await withTempDir(async (dir) => {
+    const image = new Uint8Array(8 * MiB);
+    crypto.getRandomValues(image.subarray(0, 65536));
+    for (let i = 65536; i < image.length; i += 65536) image.copyWithin(i, 0, 65536);
+    for (let i = 0; i < image.length; i += 4096) image[i] = i / 4096;
+    Deno.writeFileSync(`${dir}/a.img`, image);
+    const gate = new DiskGate(await openDisk(`aio:${dir}/a.img`));
+    try {
+      const buf = sharedPool.take(512 * KiB);
+      for (let offset = 0; offset < 4 * MiB; offset += buf.length) {
+        await gate.read(offset, buf);
+        assertBytes(buf, image.subarray(offset, offset + buf.length), `read at ${offset}`);
+        if (offset === MiB) {
+          // Windows now cover what comes next: overwrite part of it, then read it all back.
+          const patch = sharedPool.take(64 * KiB).fill(0x5a);
+          await gate.write(2 * MiB + 4096, patch);
+          image.fill(0x5a, 2 * MiB + 4096, 2 * MiB + 4096 + patch.length);
+          sharedPool.give(patch);
+        }
+      }
+      sharedPool.give(buf);
+      assert.ok(gate.stats().readAhead!.hits >= 4, JSON.stringify(gate.stats().readAhead));
+    } finally {
+      await gate.close();
+    }
+  });
+});
+
+Deno.test("gate: no read-ahead when asked, for a RAM disk, or once writers bypass the gate", async () => {
+  await withTempDir(async (dir) => {
+    Deno.writeFileSync(`${dir}/a.img`, new Uint8Array(MiB));
+    const off = new DiskGate(await openDisk(`aio:${dir}/a.img`), { readAhead: false });
+    assert.equal(off.stats().readAhead, null);
+    await off.close();
+    const ram = new DiskGate(await openDisk(`ram:${dir}/a.img`));
+    assert.equal(ram.stats().readAhead, null);
+    await ram.close();
+    const lent = new DiskGate(await openDisk(`aio:${dir}/a.img`));
+    assert.notEqual(lent.stats().readAhead, null);
+    const access = lent.directAccess();
+    assert.notEqual(access, null);
+    assert.equal(lent.stats().readAhead, null);
+    await lent.close();
+  });
+});
