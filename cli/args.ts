@@ -99,6 +99,25 @@ export function parseFuseUring(
   return true;
 }
 
+/**
+ * Passthrough takes a raw disk's reads and writes out of tapd altogether, so I/O threads or
+ * FUSE over io_uring next to it would serve nothing: refused rather than ignored.
+ */
+export function checkPassthroughAlone(
+  passthrough: boolean | undefined,
+  ioThreads: number | null | undefined,
+  uring: boolean,
+  command: string,
+): void {
+  if (!passthrough) return;
+  const other = uring ? "--fuse-uring" : ioThreads ? "--io-threads" : null;
+  if (other !== null) {
+    throw new UsageError(
+      `${command}: --passthrough and ${other} both choose who serves reads and writes: give one`,
+    );
+  }
+}
+
 /** One of a fixed set of words. */
 export function parseChoice<T extends string>(
   text: string,

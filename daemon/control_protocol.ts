@@ -175,6 +175,12 @@ export function parseRequest(line: string): ControlRequest {
       if (uring && fuse === null) {
         throw new RequestError(`attach: "uring" is an option of a "fuse" export`);
       }
+      if (passthrough && (uring || (threads ?? 0) > 0)) {
+        throw new RequestError(
+          `attach: "passthrough" and "${uring ? "uring" : "ioThreads"}" both choose who ` +
+            `serves reads and writes: give one`,
+        );
+      }
       return {
         verb,
         spec: field<string>(req, "spec", "string"),

@@ -3,6 +3,7 @@
  * detach, pause, resume (optionally on a new image), stats.
  */
 import {
+  checkPassthroughAlone,
   formatSize,
   parseCommandLine,
   parseFuseUring,
@@ -172,6 +173,12 @@ export const ctlCommand: Command = {
         if (values.passthrough && values.fuse === undefined) {
           throw new UsageError("ctl: attach: --passthrough is an option of --fuse PATH");
         }
+        checkPassthroughAlone(
+          values.passthrough,
+          request.ioThreads as number | null,
+          request.uring as boolean,
+          "ctl: attach",
+        );
         break;
       case "list":
         request = { verb };

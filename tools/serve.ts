@@ -3,7 +3,13 @@
  * qemu-storage-daemon. SIGTERM/SIGINT stop it: no new clients, the FUSE file is unmounted,
  * requests in flight finish, the disk is flushed and closed, exit 0.
  */
-import { parseChoice, parseCommandLine, parseIoThreads, parsePollMicros } from "../cli/args.ts";
+import {
+  checkPassthroughAlone,
+  parseChoice,
+  parseCommandLine,
+  parseIoThreads,
+  parsePollMicros,
+} from "../cli/args.ts";
 import { type Command, UsageError } from "../cli/command.ts";
 import { createLogger } from "../cli/log.ts";
 import { SignalQueue } from "../cli/signals.ts";
@@ -92,6 +98,7 @@ Examples:
     if (values["fuse-uring"] && fusePath === undefined) {
       throw new UsageError("serve: --fuse-uring is an option of --fuse PATH");
     }
+    checkPassthroughAlone(values.passthrough, ioThreads, values["fuse-uring"], "serve");
     const exportName = values["export-name"];
     if (new TextEncoder().encode(exportName).length > 4096 || exportName.includes("\0")) {
       throw new UsageError("serve: --export-name must be at most 4096 bytes, without NUL");

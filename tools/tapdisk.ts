@@ -5,6 +5,7 @@
  * stdin (daemon/tapdisk_control.ts).
  */
 import {
+  checkPassthroughAlone,
   parseChoice,
   parseCommandLine,
   parseFuseUring,
@@ -94,6 +95,7 @@ mount (its users get I/O errors). A \`stop\` command is refused instead, and the
     }
     const ioThreads = parseIoThreads(values["io-threads"], values.fuse, "tapdisk");
     const uring = parseFuseUring(values["fuse-uring"], values.fuse, "tapdisk");
+    checkPassthroughAlone(values.passthrough, ioThreads, uring, "tapdisk");
     let xen: XenTarget | null = null;
     if (values.xen !== undefined) {
       try {

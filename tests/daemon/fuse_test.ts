@@ -269,6 +269,20 @@ Deno.test({
         assert.match(usage.stderr, /--passthrough is an option of --fuse PATH/);
         const bare = await d.request({ verb: "attach", spec: img, passthrough: true });
         assert.ok(!bare.ok && /"passthrough" is an option of a "fuse" export/.test(bare.error));
+        const both = await d.ctl("attach", img, "--fuse", mp, "--passthrough", "--fuse-uring");
+        assert.equal(both.code, 2);
+        assert.match(
+          both.stderr,
+          /--passthrough and --fuse-uring both choose who serves reads and writes: give one/,
+        );
+        const bareBoth = await d.request({
+          verb: "attach",
+          spec: img,
+          fuse: mp,
+          passthrough: true,
+          ioThreads: 2,
+        });
+        assert.ok(!bareBoth.ok && /"passthrough" and "ioThreads"/.test(bareBoth.error));
         const threads = await d.ctl("attach", img, "--io-threads", "2");
         assert.equal(threads.code, 2);
         assert.match(threads.stderr, /--io-threads is an option of --fuse/);

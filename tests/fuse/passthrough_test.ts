@@ -182,6 +182,18 @@ Deno.test({
       ]);
       assert.equal(r.code, 2);
       assert.match(r.stderr, /--passthrough is an option of --fuse PATH/);
+      r = await run(`${ROOT}tapd`, [
+        "serve",
+        `tap:aio:${img}`,
+        "--fuse",
+        mp,
+        "--passthrough",
+        "--io-threads",
+        "2",
+      ]);
+      assert.equal(r.code, 2);
+      assert.match(r.stderr, /^tapd: serve: --passthrough and --io-threads both choose who serves/);
+      assert.equal(Deno.statSync(mp).size, 0, "nothing was mounted");
     });
   },
 });
