@@ -107,11 +107,7 @@ export class DiskGate implements BlockTarget {
   }
 
   write(offset: number, bufs: Buffers): Promise<void> {
-    return this.#change(
-      offset,
-      byteLength(bufs),
-      () => this.#run("write", byteLength(bufs), (d) => d.write(offset, bufs)),
-    );
+    return this.#run("write", byteLength(bufs), (d) => d.write(offset, bufs), offset);
   }
 
   submit(write: boolean, offset: number, bufs: Buffers, done: DiskDone): void {
@@ -144,19 +140,12 @@ export class DiskGate implements BlockTarget {
   }
 
   discard(offset: number, length: number): Promise<void> {
-    return this.#change(
-      offset,
-      length,
-      () => this.#run("discard", length, (d) => d.discard(offset, length)),
-    );
+    return this.#run("discard", length, (d) => d.discard(offset, length), offset);
   }
 
   writeZeroes(offset: number, length: number, options: { mayUnmap?: boolean } = {}): Promise<void> {
-    return this.#change(
-      offset,
-      length,
-      () => this.#run("writeZeroes", length, (d) => d.writeZeroes(offset, length, options)),
-    );
+    const zero = (d: Disk) => d.writeZeroes(offset, length, options);
+    return this.#run("writeZeroes", length, zero, offset);
   }
 
   blockStatus(offset: number, length: number): Promise<Extent[]> {
@@ -224,33 +213,34 @@ export class DiskGate implements BlockTarget {
     return { paused: this.paused, inFlight, ops, readAhead: this.#ahead?.stats() ?? null };
   }
 
-  /** A change: windows read ahead over it are dropped when it starts and when it ends. */
-  async #change(offset: number, length: number, run: () => Promise<void>): Promise<void> {
-    this.#ahead?.changed(offset, offset + length);
-    try {
-      await run();
-    } finally {
-      this.#ahead?.changed(offset, offset + length);
-    }
-  }
-
   /** Writes will bypass the gate (I/O threads, passthrough): windows could go stale. */
   #stopReadAhead(): void {
     this.#ahead?.clear();
     this.#ahead = null;
   }
 
-  async #run<T>(op: Op, bytes: number, call: (disk: Disk) => Promise<T>): Promise<T> {
+  /**
+   * Runs one request, held while paused and counted. A change (`changes`: where it starts, over
+   * `bytes`) drops the windows read ahead over it when it starts and again when it ends.
+   */
+  async #run<T>(
+    op: Op,
+    bytes: number,
+    call: (disk: Disk) => Promise<T>,
+    changes?: number,
+  ): Promise<T> {
     if (this.#held !== null) await this.#held;
     const stats = this.#stats.get(op)!;
     const start = stats.start();
     this.#inflight++;
+    if (changes !== undefined) this.#ahead?.changed(changes, changes + bytes);
     let failed = true;
     try {
       const result = await call(this.#disk);
       failed = false;
       return result;
     } finally {
+      if (changes !== undefined) this.#ahead?.changed(changes, changes + bytes);
       stats.end(start, bytes, failed);
       this.#left();
     }

@@ -137,9 +137,11 @@ export class ReadAhead {
 
   /** The windows that cover [offset, end) between them, in order, or null. */
   #covering(offset: number, end: number): Window[] | null {
-    if (this.#windows.length === 0) return null;
+    // The common miss (random reads, windows elsewhere) costs a scan and no allocation.
+    let overlaps = false;
+    for (const w of this.#windows) if (w.offset < end && w.end > offset) overlaps = true;
+    if (!overlaps) return null;
     const found = this.#windows.filter((w) => w.offset < end && w.end > offset);
-    if (found.length === 0) return null;
     found.sort((a, b) => a.offset - b.offset);
     let at = offset;
     for (const w of found) {
