@@ -155,7 +155,13 @@ export const ctlCommand: Command = {
     }
     let request: Record<string, unknown>;
     switch (verb) {
-      case "attach":
+      case "attach": {
+        if (values.passthrough && values.fuse === undefined) {
+          throw new UsageError("ctl: attach: --passthrough is an option of --fuse PATH");
+        }
+        const ioThreads = parseIoThreads(values["io-threads"], values.fuse, "ctl: attach") ?? null;
+        const uring = parseFuseUring(values["fuse-uring"], values.fuse, "ctl: attach");
+        checkPassthroughAlone(values.passthrough, ioThreads, uring, "ctl: attach");
         request = {
           verb,
           spec: absoluteSpec(rest[0]),
@@ -166,20 +172,12 @@ export const ctlCommand: Command = {
           readOnly: values["read-only"] ?? false,
           pollMicros: parsePollMicros(values["poll-us"]) ?? 0,
           passthrough: values.passthrough ?? false,
-          ioThreads: parseIoThreads(values["io-threads"], values.fuse, "ctl: attach") ?? null,
-          uring: parseFuseUring(values["fuse-uring"], values.fuse, "ctl: attach"),
+          ioThreads,
+          uring,
           readAhead: !values["no-read-ahead"],
         };
-        if (values.passthrough && values.fuse === undefined) {
-          throw new UsageError("ctl: attach: --passthrough is an option of --fuse PATH");
-        }
-        checkPassthroughAlone(
-          values.passthrough,
-          request.ioThreads as number | null,
-          request.uring as boolean,
-          "ctl: attach",
-        );
         break;
+      }
       case "list":
         request = { verb };
         break;
