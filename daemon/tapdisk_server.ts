@@ -141,8 +141,14 @@ export class TapdiskServer {
         this.#fuse = fuse;
         exports.push(`fuse:${o.fuse}`);
         fuse.ended.then(() => {
-          if (this.#stopping === null) {
+          if (this.#stopping !== null) return;
+          const name = `fuse:${o.fuse}`;
+          if (fuse.failure !== null) {
+            this.#log.error("the FUSE export failed", { mount: o.fuse, error: fuse.failure });
+            this.#options.onExportEnded?.(name, fuse.failure);
+          } else {
             this.#log.warn("the FUSE file was unmounted from outside", { mount: o.fuse });
+            this.#options.onExportEnded?.(name, "unmounted from outside");
           }
         });
       }

@@ -110,6 +110,7 @@ export class FuseExport {
   #closing: Promise<void> | null = null;
   readonly #ended = Promise.withResolvers<void>();
   #endedFlag = false;
+  #failure: string | null = null;
 
   constructor(target: BlockTarget, path: string, options: FuseExportOptions = {}) {
     this.target = target;
@@ -122,6 +123,14 @@ export class FuseExport {
     this.#passthrough = options.passthrough ?? false;
     this.#ioThreads = options.ioThreads ?? DEFAULT_IO_THREADS;
     this.#wantUring = (options.uring ?? false) && !this.#passthrough;
+  }
+
+  /**
+   * Why the export ended the connection itself (a thread failed with requests the kernel
+   * waits for), or null.
+   */
+  get failure(): string | null {
+    return this.#failure;
   }
 
   /** Requests come through io_uring ring entries (FUSE over io_uring). */
@@ -247,6 +256,7 @@ export class FuseExport {
           readOnly: this.readOnly,
           log: this.#log,
           onRequest: (bytes, on) => void session.serveHanded(bytes, on),
+          onLost: (error) => this.#lose(`a FUSE io_uring thread failed: ${error}`),
         });
         await uring.ready;
         this.#uring = uring;
@@ -277,6 +287,7 @@ export class FuseExport {
             readOnly: this.readOnly,
             log: this.#log,
             onRequest: (bytes, on) => void session.serveHanded(bytes, on),
+            onLost: (error) => this.#lose(`a FUSE I/O thread failed: ${error}`),
           });
           session.handOff(this.#threads.ended);
         } catch (e) {
@@ -386,6 +397,17 @@ export class FuseExport {
         await sleep(100);
       }
     }
+  }
+
+  /**
+   * Requests were read and will never be answered: ends the connection, so that whoever waits
+   * for them gets an error instead of waiting for ever (a loop device, processes in D state).
+   */
+  #lose(failure: string): void {
+    if (this.#failure !== null || this.#endedFlag) return;
+    this.#failure = failure;
+    this.#log.error("requests were lost: aborting the FUSE connection", { error: failure });
+    this.#abort();
   }
 
   /** Aborts this export's connection (requests waiting on it fail) and unmounts lazily. */

@@ -33,6 +33,7 @@ import type { IoThreadMessage, IoThreadSetup } from "./io_thread_messages.ts";
 import { IN_HEADER, OP, OUT_HEADER_SIZE, RW_IN, WRITE_DATA_OFFSET } from "./protocol.ts";
 import { DATA, HUGE_SLOTS, LARGE_REQUEST, READ_AT, SLOT_SIZE } from "./slots.ts";
 import { SERVER_BATCH, SERVER_COALESCE } from "../io/engine.ts";
+import { failpoint } from "./failpoint.ts";
 
 const ENOENT = 2, EINTR = 4, EIO = 5, ENODEV = 19, ECONNABORTED = 103;
 const POLLIN = 1;
@@ -88,7 +89,11 @@ class IoLoop implements Disposable {
   /** Requests at the kernel, and prepared ones not yet submitted (their iocbs in #batch). */
   #inflight = 0;
   #pending = 0;
+  /** Requests counted into the fence and not yet answered (owed a reply). */
+  #owed = 0;
   #gone = false;
+  /** TAPD_FAILPOINT=fuse-thread (tests): fail with the first batch at the disk. */
+  readonly #failpoint = failpoint("fuse-thread");
   /** The last READ or WRITE was large: read the next request into a huge-page slot. */
   #large = false;
 
@@ -162,6 +167,17 @@ class IoLoop implements Disposable {
 
   [Symbol.dispose](): void {
     this.#cleanup.dispose();
+  }
+
+  /**
+   * After a failure, once disposed (io_destroy has waited for the disk): takes the requests
+   * left unanswered out of the fence, so that a pause or close does not wait for them. True
+   * if there were any: the kernel still waits for their replies.
+   */
+  abandon(): boolean {
+    const owed = this.#owed;
+    while (this.#owed > 0) this.#left();
+    return owed > 0;
   }
 
   /** Serves until the connection ends and every request taken has been answered. */
@@ -246,6 +262,7 @@ class IoLoop implements Disposable {
     if (offset + length > size || (write && n !== WRITE_DATA_OFFSET + length)) return false;
     const fence = this.#fence;
     Atomics.add(fence, FENCE.inflight, 1);
+    this.#owed++;
     if (Atomics.load(fence, FENCE.state) !== FENCE_OPEN) {
       this.#left();
       return false;
@@ -283,6 +300,7 @@ class IoLoop implements Disposable {
       sent += rc;
       this.#inflight += rc;
     }
+    if (this.#failpoint) throw new Error("failpoint fuse-thread: failing with requests in flight");
   }
 
   /**
@@ -334,6 +352,7 @@ class IoLoop implements Disposable {
 
   /** A request of this thread's has left the fence (DirectAccess.hold waits for 0). */
   #left(): void {
+    this.#owed--;
     if (Atomics.sub(this.#fence, FENCE.inflight, 1) === 1) {
       Atomics.notify(this.#fence, FENCE.inflight);
     }
@@ -361,12 +380,15 @@ class IoLoop implements Disposable {
 }
 
 self.onmessage = (event: MessageEvent<IoThreadSetup>): void => {
+  let loop: IoLoop | null = null;
   try {
-    using loop = new IoLoop(event.data);
+    loop = new IoLoop(event.data);
     loop.run();
+    loop[Symbol.dispose]();
     post({ kind: "ended" });
   } catch (e) {
-    post({ kind: "failed", message: (e as Error).message });
+    loop?.[Symbol.dispose]();
+    post({ kind: "failed", message: (e as Error).message, lost: loop?.abandon() ?? false });
   }
   self.close();
 };

@@ -24,4 +24,5 @@ export type IoThreadMessage =
   | { kind: "request"; bytes: Uint8Array<ArrayBuffer> }
   /** The connection ended (unmounted or aborted). */
   | { kind: "ended" }
-  | { kind: "failed"; message: string };
+  /** The thread failed; `lost`: requests it had read were left unanswered. */
+  | { kind: "failed"; message: string; lost: boolean };

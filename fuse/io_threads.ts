@@ -33,6 +33,11 @@ export interface IoThreadsOptions {
   log: Logger;
   /** A request a thread hands back, to be answered on `device` (that thread's clone). */
   onRequest(bytes: Uint8Array<ArrayBuffer>, device: FuseDevice): void;
+  /**
+   * A thread failed with requests unanswered: the kernel waits for them for ever, so the
+   * connection has to end (told at once, while the other threads may still run).
+   */
+  onLost(error: string): void;
 }
 
 export class IoThreads implements Disposable {
@@ -70,9 +75,14 @@ export class IoThreads implements Disposable {
         const message = event.data;
         if (message.kind === "request") return options.onRequest(message.bytes, device);
         if (message.kind === "ended") gone = true;
-        else log.error("FUSE I/O thread failed", { thread: i, error: message.message });
+        else {
+          log.error("FUSE I/O thread failed", { thread: i, error: message.message });
+          if (message.lost) options.onLost(message.message);
+        }
         stopped(worker);
       };
+      // Only what escapes the thread's own try (its module failing to load) comes here: it
+      // never read a request.
       worker.onerror = (event: ErrorEvent): void => {
         event.preventDefault();
         log.error("FUSE I/O thread failed", { thread: i, error: event.message });

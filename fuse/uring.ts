@@ -68,6 +68,11 @@ export interface FuseUringOptions {
   log: Logger;
   /** A request the thread hands over, to be answered on `channel`. */
   onRequest(bytes: Uint8Array<ArrayBuffer>, channel: ReplyChannel): void;
+  /**
+   * A thread failed after its entries were registered: the kernel waits for its queue's
+   * requests for ever, so the connection has to end (told at once).
+   */
+  onLost(error: string): void;
 }
 
 /** One queue's thread, and how the main thread asks it to commit. */
@@ -116,11 +121,13 @@ export class FuseUring implements Disposable {
         new URL("./uring_thread.ts", import.meta.url).href,
         { type: "module", name: `fuse-uring-${q}` },
       );
-      const stop = (error?: string): void => {
+      let registeredHere = false;
+      const stop = (error?: string, lost = registeredHere): void => {
         if (error !== undefined) {
           failed = true;
           log.error("FUSE io_uring thread failed", { queue: q, error });
           ready.reject(new Error(error));
+          if (lost) options.onLost(error);
         }
         worker.terminate();
         if (--running === 0) ended.resolve(failed ? "failed" : "gone");
@@ -134,12 +141,13 @@ export class FuseUring implements Disposable {
               this.#channel(q * PER_QUEUE + message.ent, lane, message.ent),
             );
           case "ready":
+            registeredHere = true;
             if (++registered === queues) ready.resolve();
             return;
           case "ended":
             return stop();
           case "failed":
-            return stop(message.message);
+            return stop(message.message, message.lost);
         }
       };
       worker.onerror = (event: ErrorEvent): void => {

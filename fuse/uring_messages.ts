@@ -53,4 +53,5 @@ export type UringMessage =
   | { kind: "request"; ent: number; bytes: Uint8Array<ArrayBuffer> }
   /** The connection ended (unmounted or aborted). */
   | { kind: "ended" }
-  | { kind: "failed"; message: string };
+  /** The thread failed; `lost`: after "ready", so requests on its queue wait for nobody. */
+  | { kind: "failed"; message: string; lost: boolean };

@@ -31,6 +31,7 @@ import { libc } from "../ffi/libc.ts";
 import { OpStats, STATS_CELLS } from "../serve/stats.ts";
 import { IN_HEADER, OP, OUT_HEADER_SIZE, RW_IN } from "./protocol.ts";
 import { URING_HEADER, type UringMessage, type UringSetup } from "./uring_messages.ts";
+import { failpoint } from "./failpoint.ts";
 
 const EINTR = 4, EIO = 5, EAGAIN = 11, EBUSY = 16;
 const FUSE_IO_URING_CMD_REGISTER = 1, FUSE_IO_URING_CMD_COMMIT_AND_FETCH = 2;
@@ -97,6 +98,12 @@ class UringLoop implements Disposable {
   /** Entries whose command is at the kernel (registered or committed), and disk I/O. */
   #live = 0;
   #io = 0;
+  /** Requests counted into the fence and not yet answered. */
+  #owed = 0;
+  /** The entries are registered: the kernel sends this CPU's requests here alone. */
+  #ready = false;
+  /** TAPD_FAILPOINT=fuse-thread (tests): fail once a disk I/O is at the kernel. */
+  readonly #failpoint = failpoint("fuse-thread");
 
   constructor(setup: UringSetup) {
     this.#setup = setup;
@@ -158,6 +165,16 @@ class UringLoop implements Disposable {
     this.#cleanup.dispose();
   }
 
+  /**
+   * After a failure, once disposed: takes the requests left unanswered out of the fence, so
+   * that a pause or close does not wait for them. True once the entries were registered: from
+   * then on the kernel waits for this queue's replies.
+   */
+  abandon(): boolean {
+    while (this.#owed > 0) this.#left();
+    return this.#ready;
+  }
+
   /** Registers the entries, then serves until the connection ends. */
   run(): void {
     // The kernel queues a request on the queue of the CPU it was made on: serve it there too
@@ -174,6 +191,7 @@ class UringLoop implements Disposable {
     this.#enter(0);
     const failed = this.#reap(true);
     if (failed !== 0) throw new SysError(failed, "io_uring FUSE_IO_URING_CMD_REGISTER");
+    this.#ready = true;
     post({ kind: "ready" });
     while (this.#live > 0 || this.#io > 0) {
       this.#enter(1);
@@ -188,6 +206,9 @@ class UringLoop implements Disposable {
     const rc = this.#lib.io_uring_enter(this.#ringFd, submit, wait, IORING_ENTER_GETEVENTS, null);
     if (rc >= 0) {
       this.#prepared -= Math.min(rc, submit);
+      if (this.#failpoint && this.#io > 0) {
+        throw new Error("failpoint fuse-thread: failing with requests in flight");
+      }
       return;
     }
     if (rc === -EINTR || rc === -EAGAIN || rc === -EBUSY) return;
@@ -301,12 +322,14 @@ class UringLoop implements Disposable {
   /** Counts a request into the fence; false (and not counted) when the disk is held. */
   #admit(): boolean {
     Atomics.add(this.#fence, FENCE.inflight, 1);
+    this.#owed++;
     if (Atomics.load(this.#fence, FENCE.state) === FENCE_OPEN) return true;
     this.#left();
     return false;
   }
 
   #left(): void {
+    this.#owed--;
     if (Atomics.sub(this.#fence, FENCE.inflight, 1) === 1) {
       Atomics.notify(this.#fence, FENCE.inflight);
     }
@@ -369,12 +392,15 @@ class UringLoop implements Disposable {
 }
 
 self.onmessage = (event: MessageEvent<UringSetup>): void => {
+  let loop: UringLoop | null = null;
   try {
-    using loop = new UringLoop(event.data);
+    loop = new UringLoop(event.data);
     loop.run();
+    loop[Symbol.dispose]();
     post({ kind: "ended" });
   } catch (e) {
-    post({ kind: "failed", message: (e as Error).message });
+    loop?.[Symbol.dispose]();
+    post({ kind: "failed", message: (e as Error).message, lost: loop?.abandon() ?? false });
   }
   self.close();
 };

@@ -159,6 +159,10 @@ Examples:
         signals[Symbol.dispose]();
       }
       if (!disk.info.readOnly) await gate.flush();
+      if (fuse?.failure) {
+        console.error(`tapd serve: the FUSE export failed: ${fuse.failure}`);
+        return 1;
+      }
     } finally {
       await gate.close();
     }

@@ -153,6 +153,34 @@ Deno.test({
 });
 
 Deno.test({
+  name: "daemon: a FUSE file unmounted from outside leaves the disk's exports, with the reason",
+  ignore: skip !== null,
+  async fn() {
+    await withDaemon(async (d) => {
+      const img = rawImage(d, "u.img", 16 * MiB);
+      const mp = mountPointFile(`${d.dir}/u.disk`);
+      try {
+        const disk = await d.attach(`tap:aio:${img}`, "--fuse", mp);
+        assert.deepEqual(disk.exports, [`fuse:${mp}`]);
+        const u = await new Deno.Command("umount", { args: [mp], stderr: "piped" }).output();
+        assert.equal(u.code, 0, new TextDecoder().decode(u.stderr));
+        let listed = (await d.list())[0];
+        for (let i = 0; i < 50 && listed.exports.length > 0; i++) {
+          await sleep(100);
+          listed = (await d.list())[0];
+        }
+        assert.deepEqual(listed.exports, []);
+        assert.equal(listed.state, "running");
+        assert.equal(listed.reason, `fuse:${mp} ended: unmounted from outside`);
+        await d.ctlOk("detach", "0");
+      } finally {
+        await cleanupMount(mp);
+      }
+    });
+  },
+});
+
+Deno.test({
   name:
     "daemon: SIGKILL of a tapdisk mid-write: failed, mount aborted, no D state, re-attach works",
   ignore: skip !== null,

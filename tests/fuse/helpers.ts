@@ -8,7 +8,8 @@ import { describe, ROOT, run, runOk, sleep } from "../nbd/helpers.ts";
 import { assertBytes, loopUnavailable, rng } from "../util.ts";
 import { findMount, resolveMountPoint } from "../../fuse/mount.ts";
 import { openDisk } from "../../drivers/mod.ts";
-import type { DiskGate } from "../../serve/gate.ts";
+import { FuseExport, type FuseExportOptions } from "../../fuse/export.ts";
+import { DiskGate } from "../../serve/gate.ts";
 
 export { describe, ROOT, run, runOk, sleep };
 export const KiB = 1024, MiB = 1024 * KiB;
@@ -437,4 +438,79 @@ export async function checkPauseAndReopen(
     assertBytes(slice(next, 2 * MiB), two, "the new image");
     assertBytes(slice(img, 2 * MiB), zeros, "the old image");
   });
+}
+
+/** `p`, or a rejection naming `what` after `ms`. */
+async function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: still waiting after ${ms} ms`)), ms);
+  });
+  try {
+    return await Promise.race([p, late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/**
+ * A thread of the export (an I/O thread or a ring thread) fails with a write of the disk in
+ * flight (TAPD_FAILPOINT=fuse-thread): the export ends its connection, so the writer gets an
+ * error instead of waiting for ever; the gate closes (the fence holds nothing of the thread's);
+ * and the same path mounts and serves again.
+ */
+export async function checkLostRequests(
+  dir: string,
+  mp: string,
+  options: FuseExportOptions,
+  failure: RegExp,
+): Promise<void> {
+  const img = `${dir}/lost.img`;
+  rawImage(img, 8 * MiB);
+  const data = rng(41).fill(new Uint8Array(256 * KiB));
+  Deno.writeFileSync(`${dir}/lost.data`, data);
+  const write = () =>
+    run("timeout", [
+      "20",
+      "dd",
+      `if=${dir}/lost.data`,
+      `of=${mp}`,
+      "bs=64k",
+      "conv=notrunc",
+      "oflag=direct",
+      "status=none",
+    ]);
+  const gate = new DiskGate(await openDisk(`tap:aio:${img}`, {}));
+  try {
+    const fuse = new FuseExport(gate, mp, options);
+    Deno.env.set("TAPD_FAILPOINT", "fuse-thread");
+    try {
+      await fuse.mount();
+      const w = await write();
+      assert.notEqual(w.code, 124, "the write waited for a reply that never came");
+      assert.notEqual(w.code, 0, "the write succeeded although its thread failed");
+    } finally {
+      Deno.env.delete("TAPD_FAILPOINT");
+    }
+    await within(fuse.ended, 10_000, "the export's end");
+    assert.match(fuse.failure ?? "", failure);
+    await fuse.close();
+    assert.equal(isMounted(mp), false, "the path is still mounted");
+  } finally {
+    await cleanupMount(mp);
+    await within(gate.close(), 10_000, "closing the disk");
+  }
+  const again = new DiskGate(await openDisk(`tap:aio:${img}`, {}));
+  try {
+    const fuse = new FuseExport(again, mp, options);
+    await fuse.mount();
+    const w = await write();
+    assert.equal(w.code, 0, w.stderr);
+    await fuse.close();
+    assert.equal(fuse.failure, null);
+  } finally {
+    await cleanupMount(mp);
+    await again.close();
+  }
+  assertBytes(pread(img, 0, data.length), data, "the image after mounting again");
 }

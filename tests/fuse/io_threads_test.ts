@@ -10,6 +10,7 @@ import { FuseExport } from "../../fuse/export.ts";
 import { DiskGate } from "../../serve/gate.ts";
 import { assertBytes, rng, withTempDir } from "../util.ts";
 import {
+  checkLostRequests,
   checkPauseAndReopen,
   cleanupMount,
   fuseLoopUnavailable,
@@ -158,6 +159,17 @@ Deno.test({
       rawImage(img, 256 * MiB);
       const sums = await makeFileSystem(`tap:aio:${img}`, mp, mnt, 11, ["--io-threads", "2"]);
       await verifyAll(`tap:aio:${img}`, mp, mnt, [sums]);
+    });
+  },
+});
+
+Deno.test({
+  name: "io threads: a thread that fails with requests in flight ends the connection: the " +
+    "writer gets an error, not a hang; the disk closes and the path mounts again",
+  ignore: skip !== null,
+  async fn() {
+    await withTempDir(async (dir) => {
+      await checkLostRequests(dir, mountPointFile(`${dir}/d`), { ioThreads: 1 }, /I\/O thread/);
     });
   },
 });

@@ -12,6 +12,7 @@ import { ENABLE_URING } from "../../fuse/uring.ts";
 import { DiskGate } from "../../serve/gate.ts";
 import { assertBytes, rng, withTempDir } from "../util.ts";
 import {
+  checkLostRequests,
   checkPauseAndReopen,
   cleanupMount,
   fuseLoopUnavailable,
@@ -119,6 +120,17 @@ Deno.test({
     await withTempDir(async (dir) => {
       const mp = mountPointFile(`${dir}/d`);
       await checkPauseAndReopen(dir, mp, 11, (img, fn) => served(`tap:aio:${img}`, mp, fn));
+    });
+  },
+});
+
+Deno.test({
+  name: "fuse uring: a ring thread that fails with requests in flight ends the connection: the " +
+    "writer gets an error, not a hang; the disk closes and the path mounts again",
+  ignore: skip !== null,
+  async fn() {
+    await withTempDir(async (dir) => {
+      await checkLostRequests(dir, mountPointFile(`${dir}/d`), { uring: true }, /io_uring thread/);
     });
   },
 });
