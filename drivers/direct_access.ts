@@ -31,6 +31,8 @@ export class DirectAccess implements Disposable {
   readonly alignment: number;
   readonly fence = new Int32Array(new SharedArrayBuffer(8));
   readonly #areas: StatsArea[] = [];
+  readonly #onDispose: (() => void)[] = [];
+  #disposed = false;
 
   constructor(file: FileHandle, size: number, alignment: number) {
     this.#file = file.duplicate();
@@ -89,8 +91,16 @@ export class DirectAccess implements Disposable {
     return this.hold();
   }
 
+  /** Runs `fn` once the threads are done with the descriptor (at dispose). */
+  whenDisposed(fn: () => void): void {
+    this.#onDispose.push(fn);
+  }
+
   /** Closes the descriptor: only once no thread can use it any more. */
   [Symbol.dispose](): void {
+    if (this.#disposed) return;
+    this.#disposed = true;
     this.#file.close();
+    for (const fn of this.#onDispose) fn();
   }
 }

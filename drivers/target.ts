@@ -27,9 +27,15 @@ export interface BlockTarget {
    */
   passthroughFile?(): FileHandle | null;
   /**
+   * Optional: a caller of passthroughFile() no longer does I/O through it (the kernel refused
+   * passthrough, or the export ended); once per passthroughFile() that returned a file.
+   */
+  passthroughReturned?(): void;
+  /**
    * Optional: the raw disk's file lent to I/O threads (drivers/direct_access.ts), or null when
-   * the disk is mapped. The caller disposes it once its threads have ended; a front that pauses
-   * or counts (DiskGate) holds and counts the threads' requests through it.
+   * the disk is mapped. The caller disposes it once its threads have ended (or it is not used
+   * after all); a front that pauses or counts (DiskGate) holds and counts the threads' requests
+   * through it until then.
    */
   directAccess?(): DirectAccess | null;
 }

@@ -158,6 +158,12 @@ export class FuseExport {
     }
     const point = checkMountPoint(this.path);
     const backing = this.#passthrough ? this.#openBacking() : null;
+    let lentFile = backing !== null;
+    // The disk's front stops reading ahead while a passthrough file may write behind it.
+    const returnFile = (): void => {
+      if (lentFile) this.target.passthroughReturned?.();
+      lentFile = false;
+    };
     // Once INIT agrees on io_uring the kernel holds every request until ring entries are
     // registered: agree only for a disk the ring threads can serve.
     const notRaw = "the disk is not a raw image (mapped disks, such as qcow, use /dev/fuse)";
@@ -196,6 +202,7 @@ export class FuseExport {
     } catch (e) {
       device[Symbol.dispose]();
       backing?.close();
+      returnFile();
       uringAccess?.[Symbol.dispose]();
       throw e;
     }
@@ -224,6 +231,7 @@ export class FuseExport {
       session[Symbol.dispose]();
       device[Symbol.dispose]();
       backing?.close();
+      returnFile();
       this.#log.info("unmounted", { requests: session.requests });
       this.#endedFlag = true;
       this.#ended.resolve();
@@ -300,6 +308,7 @@ export class FuseExport {
       }
     }
     if (session.passthroughRefused !== null) {
+      returnFile();
       this.#log.warn("FUSE passthrough is off: tapd serves reads and writes itself", {
         reason: session.passthroughRefused,
       });
@@ -327,7 +336,12 @@ export class FuseExport {
           `is a whole number of sectors); "${this.target.name}" is mapped by tapd`,
       );
     }
-    return FileHandle.open(`/proc/self/fd/${file.fd}`, this.readOnly ? O_RDONLY : O_RDWR);
+    try {
+      return FileHandle.open(`/proc/self/fd/${file.fd}`, this.readOnly ? O_RDONLY : O_RDWR);
+    } catch (e) {
+      this.target.passthroughReturned?.();
+      throw e;
+    }
   }
 
   /** True from mount() until the connection ends. */

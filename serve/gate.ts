@@ -35,22 +35,17 @@ export class DiskGate implements BlockTarget {
   /** Raw files lent to I/O threads: held, counted and closed with the gate. */
   readonly #lent: DirectAccess[] = [];
   /** Off for disks changed by writers that do not pass here (see #stopReadAhead). */
-  #ahead: ReadAhead | null;
+  #ahead: ReadAhead | null = null;
+  readonly #wantReadAhead: boolean;
+  /** Writers that bypass the gate: lent raw files not yet disposed, passthrough files. */
+  #bypasses = 0;
+  #closed = false;
 
   /** `readAhead` false: every read goes to the disk (read-ahead is on by default). */
   constructor(disk: Disk, options: { readAhead?: boolean } = {}) {
     this.#disk = disk;
-    this.#ahead = options.readAhead === false || disk.changedElsewhere ? null : new ReadAhead(
-      (offset, bufs, done) => this.#disk.submit(false, offset, bufs, done),
-      (offset, buf, done) => {
-        this.#inflight++;
-        this.#disk.submit(false, offset, buf, (e) => {
-          this.#left();
-          done(e);
-        });
-      },
-      disk.size,
-    );
+    this.#wantReadAhead = options.readAhead !== false;
+    this.#startReadAhead();
   }
 
   get disk(): Disk {
@@ -79,8 +74,12 @@ export class DiskGate implements BlockTarget {
    */
   passthroughFile(): FileHandle | null {
     const file = this.#disk.passthroughFile();
-    if (file !== null) this.#stopReadAhead();
+    if (file !== null) this.#bypassed();
     return file;
+  }
+
+  passthroughReturned(): void {
+    this.#unbypassed();
   }
 
   /**
@@ -90,9 +89,13 @@ export class DiskGate implements BlockTarget {
   directAccess(): DirectAccess | null {
     const access = this.#disk.directAccess();
     if (access === null) return null;
-    this.#stopReadAhead();
+    this.#bypassed();
     if (this.#held !== null) void access.hold();
     this.#lent.push(access);
+    access.whenDisposed(() => {
+      // Its counts stay in stats(); its fence no longer holds anything.
+      this.#unbypassed();
+    });
     return access;
   }
 
@@ -190,6 +193,7 @@ export class DiskGate implements BlockTarget {
 
   /** Waits for requests in flight and closes the disk; held requests fail. */
   async close(): Promise<void> {
+    this.#closed = true;
     this.#stopReadAhead();
     const disk = this.#disk;
     const release = this.#release;
@@ -214,6 +218,35 @@ export class DiskGate implements BlockTarget {
   }
 
   /** Writes will bypass the gate (I/O threads, passthrough): windows could go stale. */
+  #bypassed(): void {
+    this.#bypasses++;
+    this.#stopReadAhead();
+  }
+
+  /** A bypass has ended: with none left, every write passes here again. */
+  #unbypassed(): void {
+    if (--this.#bypasses === 0) this.#startReadAhead();
+  }
+
+  /** Read-ahead, unless it was not asked for or a writer may change the disk behind the gate. */
+  #startReadAhead(): void {
+    if (
+      this.#ahead !== null || !this.#wantReadAhead || this.#closed || this.#bypasses > 0 ||
+      this.#disk.changedElsewhere
+    ) return;
+    this.#ahead = new ReadAhead(
+      (offset, bufs, done) => this.#disk.submit(false, offset, bufs, done),
+      (offset, buf, done) => {
+        this.#inflight++;
+        this.#disk.submit(false, offset, buf, (e) => {
+          this.#left();
+          done(e);
+        });
+      },
+      this.#disk.size,
+    );
+  }
+
   #stopReadAhead(): void {
     this.#ahead?.clear();
     this.#ahead = null;

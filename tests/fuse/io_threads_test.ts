@@ -60,6 +60,7 @@ async function served(
     await fuse.mount();
     await fn(gate, fuse);
     await fuse.close();
+    assert.notEqual(gate.stats().readAhead, null, "read-ahead is back once the threads are gone");
   } finally {
     await cleanupMount(mp);
     await gate.close();

@@ -220,7 +220,7 @@ Deno.test("gate: reads ahead on an image file; writes through it are read back",
   });
 });
 
-Deno.test("gate: no read-ahead when asked, for a RAM disk, or once writers bypass the gate", async () => {
+Deno.test("gate: no read-ahead when asked, for a RAM disk, or while writers bypass the gate", async () => {
   await withTempDir(async (dir) => {
     Deno.writeFileSync(`${dir}/a.img`, new Uint8Array(MiB));
     const off = new DiskGate(await openDisk(`aio:${dir}/a.img`), { readAhead: false });
@@ -231,9 +231,21 @@ Deno.test("gate: no read-ahead when asked, for a RAM disk, or once writers bypas
     await ram.close();
     const lent = new DiskGate(await openDisk(`aio:${dir}/a.img`));
     assert.notEqual(lent.stats().readAhead, null);
-    const access = lent.directAccess();
+    const access = lent.directAccess(), second = lent.directAccess();
     assert.notEqual(access, null);
     assert.equal(lent.stats().readAhead, null);
+    // Back on once every bypass has ended: the lent files disposed (threads gone, or the
+    // kernel refused FUSE over io_uring), the passthrough file returned.
+    access![Symbol.dispose]();
+    assert.equal(lent.stats().readAhead, null, "one lent file is still out");
+    second![Symbol.dispose]();
+    second![Symbol.dispose]();
+    assert.notEqual(lent.stats().readAhead, null);
+    assert.notEqual(lent.passthroughFile(), null);
+    assert.equal(lent.stats().readAhead, null);
+    lent.passthroughReturned();
+    assert.notEqual(lent.stats().readAhead, null);
     await lent.close();
+    assert.equal(lent.stats().readAhead, null);
   });
 });
