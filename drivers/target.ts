@@ -14,6 +14,11 @@ export interface BlockTarget {
   readonly name: string;
   read(offset: number, bufs: Buffers): Promise<void>;
   write(offset: number, bufs: Buffers): Promise<void>;
+  /**
+   * Optional: a read served at once from memory the target holds (DiskGate's read-ahead), as
+   * views handed to `use`, which must be done with them when it returns; false when it cannot.
+   */
+  readInPlace?(offset: number, length: number, use: (parts: Uint8Array[]) => void): boolean;
   /** read (`write` false) or write in callback form: the request path of the ring and FUSE. */
   submit(write: boolean, offset: number, bufs: Buffers, done: DiskDone): void;
   flush(): Promise<void>;

@@ -73,6 +73,7 @@ const symbols = {
     nonblocking: true,
   },
   write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+  writev: { parameters: ["i32", "buffer", "i32"], result: "isize" },
   fsync: { parameters: ["i32"], result: "i32" },
   fsync_nb: { name: "fsync", parameters: ["i32"], result: "i32", nonblocking: true },
   fdatasync: { parameters: ["i32"], result: "i32" },

@@ -57,6 +57,11 @@ export class ByteIo {
     return true;
   }
 
+  /** A read served at once from memory the target holds (BlockTarget.readInPlace), or false. */
+  readInPlace(offset: number, length: number, use: (parts: Uint8Array[]) => void): boolean {
+    return this.#target.readInPlace?.(offset, length, use) ?? false;
+  }
+
   /** Writes `data` at `offset` (inside the disk). */
   write(offset: number, data: Uint8Array): Promise<void> {
     const s = this.#sector;

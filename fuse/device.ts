@@ -9,6 +9,7 @@
 import { lastErrno, SysError } from "../ffi/errno.ts";
 import { FileHandle } from "../ffi/file.ts";
 import { libc } from "../ffi/libc.ts";
+import { addressOf } from "../ffi/memory.ts";
 import { EAGAIN, EINTR, ENOENT, O_RDWR } from "../ffi/constants.ts";
 import { BACKING_MAP_SIZE, FUSE_DEV_IOC_BACKING_OPEN, FUSE_DEV_IOC_CLONE } from "./protocol.ts";
 
@@ -26,11 +27,22 @@ export const READ_GONE = -1;
 export interface ReplyChannel {
   /** Sends one reply; false when the kernel no longer waits for it. */
   write(reply: Uint8Array): boolean;
+  /**
+   * Optional: sends one reply gathered from `parts` (header first) without joining them; null,
+   * with nothing sent, when it cannot (a part's address is unknown, or too many parts).
+   */
+  writeParts?(parts: readonly Uint8Array[]): boolean | null;
 }
+
+/** The most parts writeParts() gathers into one reply. */
+const MAX_PARTS = 32;
+const TWO32 = 2 ** 32;
 
 export class FuseDevice implements Disposable, ReplyChannel {
   readonly handle: FileHandle;
   readonly #pollfd = new Int32Array(2);
+  /** writeParts()'s struct iovec array, as u32 words: base low, base high, length, 0. */
+  readonly #iov = new Uint32Array(4 * MAX_PARTS);
 
   constructor() {
     this.handle = FileHandle.open("/dev/fuse", O_RDWR | O_NONBLOCK);
@@ -87,8 +99,28 @@ export class FuseDevice implements Disposable, ReplyChannel {
    */
   write(reply: Uint8Array): boolean {
     const n = Number(libc.write(this.handle.fd, reply, BigInt(reply.length)));
-    if (n === reply.length) return true;
-    if (n >= 0) throw new Error(`write /dev/fuse: short write (${n} of ${reply.length} bytes)`);
+    return this.#written(n, reply.length);
+  }
+
+  writeParts(parts: readonly Uint8Array[]): boolean | null {
+    if (parts.length > MAX_PARTS) return null;
+    const w = this.#iov;
+    let total = 0;
+    for (let i = 0; i < parts.length; i++) {
+      const address = addressOf(parts[i]);
+      if (address === null) return null;
+      w[4 * i] = address % TWO32;
+      w[4 * i + 1] = Math.floor(address / TWO32);
+      w[4 * i + 2] = parts[i].length;
+      w[4 * i + 3] = 0;
+      total += parts[i].length;
+    }
+    return this.#written(Number(libc.writev(this.handle.fd, w, parts.length)), total);
+  }
+
+  #written(n: number, length: number): boolean {
+    if (n === length) return true;
+    if (n >= 0) throw new Error(`write /dev/fuse: short write (${n} of ${length} bytes)`);
     const errno = lastErrno();
     if (errno === ENOENT || errno === ENODEV || errno === ECONNABORTED) return false;
     throw new SysError(errno, "write", "/dev/fuse");

@@ -57,6 +57,8 @@ const ATTR_VALID_SECONDS = 3600n;
  * is in flight, and its callback answers it and calls #settled.
  */
 const PENDING = Symbol("pending");
+/** Reads this large are answered straight from read-ahead windows when they cover them. */
+const IN_PLACE = 32 * 1024;
 type Handled = void | Promise<void> | typeof PENDING;
 
 /** One request being served: its slot, and where its parts are in the slot. */
@@ -514,6 +516,22 @@ export class FuseSession {
       this.#header(slot.view, at, OUT_HEADER_SIZE + length, 0, req);
       req.device.write(slot.bytes.subarray(at, at + OUT_HEADER_SIZE + length));
     };
+    if (length >= IN_PLACE && req.device.writeParts !== undefined) {
+      // Read ahead: the reply is written from the windows, without copying them here first.
+      const at = DATA - OUT_HEADER_SIZE;
+      const header = slot.bytes.subarray(at, DATA);
+      const served = this.#io.readInPlace(offset, length, (parts) => {
+        this.#header(slot.view, at, OUT_HEADER_SIZE + length, 0, req);
+        if (req.device.writeParts!([header, ...parts]) !== null) return;
+        let to = DATA;
+        for (const part of parts) {
+          slot.bytes.set(part, to);
+          to += part.length;
+        }
+        answer(0);
+      });
+      if (served) return;
+    }
     const direct = slot.bytes.subarray(DATA, DATA + length);
     if (this.#io.submitAligned(false, offset, direct, (e) => this.#answer(req, e, answer))) {
       return PENDING;

@@ -108,6 +108,32 @@ export class ReadAhead {
     if (length >= MIN_REQUEST) this.#follow(offset, end);
   }
 
+  /**
+   * Serves [offset, end) in place when loaded windows cover it: `use` gets views of the window
+   * memory, in order, and must be done with them when it returns (a reply written from them
+   * with writev: no copy here). False, with nothing done, when the windows do not cover it or
+   * are still loading; read() then serves it.
+   */
+  peek(offset: number, end: number, use: (parts: Uint8Array[]) => void): boolean {
+    const cover = this.#covering(offset, end);
+    if (cover === null) return false;
+    for (const w of cover) if (w.loading || w.stale || w.failed) return false;
+    // A few views per hit of 128 KiB or more, against the copy of the whole request they save.
+    // Windows may overlap (two readers, or a window started again): take each byte once.
+    const parts: Uint8Array[] = [];
+    for (let at = offset; at < end;) {
+      const w = cover.find((c) => c.offset <= at && c.end > at)!;
+      const to = Math.min(end, w.end);
+      parts.push(w.buf.subarray(at - w.offset, to - w.offset));
+      at = to;
+    }
+    use(parts);
+    this.#hits++;
+    this.#passed(cover, end);
+    if (end - offset >= MIN_REQUEST) this.#follow(offset, end);
+    return true;
+  }
+
   /** A change to [offset, end) starts or ends: windows over it are dropped. */
   changed(offset: number, end: number): void {
     for (const w of this.#loading) if (w.offset < end && w.end > offset) w.stale = true;
@@ -180,7 +206,11 @@ export class ReadAhead {
       };
       for (const w of cover) if (w.loading) w.waiters.push(settled);
     }
-    // The reader has moved past the windows that end within this read.
+    this.#passed(cover, end);
+  }
+
+  /** The reader has moved past the windows of `cover` that end within its read. */
+  #passed(cover: Window[], end: number): void {
     this.#windows = this.#windows.filter((w) => {
       if (w.end > end || !cover.includes(w)) return true;
       this.#release(w);

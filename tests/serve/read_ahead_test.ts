@@ -191,6 +191,58 @@ Deno.test("read-ahead: small and random reads start nothing; memory stays within
   await clearAll(ra, disk, pool);
 });
 
+Deno.test("read-ahead: peek hands loaded windows over in place, never loading or stale ones", async () => {
+  const disk = new SlowDisk(16 * MiB), pool = new BufferPool();
+  const ra = readAhead(disk, pool);
+  const size = 256 * KiB;
+  // Two reads in turn: windows of 256 KiB now load from 512 KiB on.
+  const first = read(ra, 0, size), second = read(ra, size, size);
+  const joined = (parts: Uint8Array[]): Uint8Array => {
+    const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+    let at = 0;
+    for (const p of parts) {
+      out.set(p, at);
+      at += p.length;
+    }
+    return out;
+  };
+  let seen: Uint8Array | null = null;
+  assert.equal(ra.peek(2 * size, 3 * size, (p) => seen = joined(p)), false, "a loading window");
+  await disk.settle();
+  await first;
+  await second;
+  // Across two loaded windows, from the middle of one to the middle of the next.
+  const from = 2 * size + 4096, to = 3 * size + 8192;
+  assert.equal(ra.peek(from, to, (p) => seen = joined(p)), true);
+  assertBytes(seen!, disk.data.subarray(from, to), "the bytes handed over");
+  assert.equal(ra.stats().hits, 1);
+  assert.equal(ra.peek(10 * MiB, 10 * MiB + size, () => {}), false, "no window there");
+  ra.changed(to, to + 4096);
+  assert.equal(ra.peek(to, to + 8192, () => {}), false, "a dropped window");
+  await clearAll(ra, disk, pool);
+});
+
+Deno.test("read-ahead: peek over windows of two readers that overlap takes each byte once", async () => {
+  const disk = new SlowDisk(4 * MiB), pool = new BufferPool();
+  const ra = readAhead(disk, pool);
+  const size = 128 * KiB;
+  // Reader one: windows [256K, 384K) and [384K, 512K). Reader two, 64 KiB behind it: its
+  // second read starts [320K, 448K) and [448K, 576K), over reader one's.
+  await readInTurn(ra, disk, [0, size], size);
+  await readInTurn(ra, disk, [64 * KiB, 64 * KiB + size], size);
+  await disk.settle();
+  const from = 256 * KiB, to = 576 * KiB;
+  let got: Uint8Array[] = [];
+  assert.equal(ra.peek(from, to, (p) => got = p), true);
+  assert.equal(got.reduce((n, p) => n + p.length, 0), to - from);
+  let at = from;
+  for (const p of got) {
+    assertBytes(p, disk.data.subarray(at, at + p.length), `the part at ${at}`);
+    at += p.length;
+  }
+  await clearAll(ra, disk, pool);
+});
+
 Deno.test("gate: reads ahead on an image file; writes through it are read back", async () => {
   await withTempDir(async (dir) => {
     const image = new Uint8Array(8 * MiB);
