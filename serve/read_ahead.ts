@@ -251,10 +251,17 @@ export class ReadAhead {
     const limit = Math.min(end + s.span, this.#size);
     while (from < limit) {
       const to = Math.min(from + size, limit);
-      if (!this.#start(from, to)) break;
+      // Another reader's window may hold these bytes already (two readers close together).
+      if (!this.#held(from, to) && !this.#start(from, to)) break;
       from = to;
     }
     s.ahead = from;
+  }
+
+  /** A window in the list holds all of [offset, end). */
+  #held(offset: number, end: number): boolean {
+    for (const w of this.#windows) if (w.offset <= offset && w.end >= end) return true;
+    return false;
   }
 
   #start(offset: number, end: number): boolean {
