@@ -111,6 +111,10 @@ export class FuseExport {
   readonly #ended = Promise.withResolvers<void>();
   #endedFlag = false;
   #failure: string | null = null;
+  /** close() unmounted the file while nobody had it open. */
+  #unmountedClean = false;
+  /** The target's passthrough file is in use (BlockTarget.passthroughFile). */
+  #passthroughLent = false;
 
   constructor(target: BlockTarget, path: string, options: FuseExportOptions = {}) {
     this.target = target;
@@ -158,12 +162,7 @@ export class FuseExport {
     }
     const point = checkMountPoint(this.path);
     const backing = this.#passthrough ? this.#openBacking() : null;
-    let lentFile = backing !== null;
-    // The disk's front stops reading ahead while a passthrough file may write behind it.
-    const returnFile = (): void => {
-      if (lentFile) this.target.passthroughReturned?.();
-      lentFile = false;
-    };
+    this.#passthroughLent = backing !== null;
     // Once INIT agrees on io_uring the kernel holds every request until ring entries are
     // registered: agree only for a disk the ring threads can serve.
     const notRaw = "the disk is not a raw image (mapped disks, such as qcow, use /dev/fuse)";
@@ -173,7 +172,15 @@ export class FuseExport {
       : uringAccess === null
       ? notRaw
       : enableUring(this.#log);
-    const device = new FuseDevice();
+    let device: FuseDevice;
+    try {
+      device = new FuseDevice();
+    } catch (e) {
+      backing?.close();
+      this.#returnPassthrough();
+      uringAccess?.[Symbol.dispose]();
+      throw e;
+    }
     let session: FuseSession;
     try {
       session = new FuseSession(device, this.target, {
@@ -202,7 +209,7 @@ export class FuseExport {
     } catch (e) {
       device[Symbol.dispose]();
       backing?.close();
-      returnFile();
+      this.#returnPassthrough();
       uringAccess?.[Symbol.dispose]();
       throw e;
     }
@@ -231,7 +238,10 @@ export class FuseExport {
       session[Symbol.dispose]();
       device[Symbol.dispose]();
       backing?.close();
-      returnFile();
+      // The kernel's passthrough I/O bypasses the connection: after an abort or a lazy unmount a
+      // user that still has the file open (a loop device) may go on writing through it, so the
+      // file counts as returned only once nobody can have it open.
+      if (this.#unmountedClean) this.#returnPassthrough();
       this.#log.info("unmounted", { requests: session.requests });
       this.#endedFlag = true;
       this.#ended.resolve();
@@ -308,7 +318,7 @@ export class FuseExport {
       }
     }
     if (session.passthroughRefused !== null) {
-      returnFile();
+      this.#returnPassthrough();
       this.#log.warn("FUSE passthrough is off: tapd serves reads and writes itself", {
         reason: session.passthroughRefused,
       });
@@ -375,7 +385,9 @@ export class FuseExport {
       if (options.force && !this.#endedFlag) this.#abort();
       return this.#closing;
     }
-    const closing = this.#unmount(options).then(() => this.#running!);
+    const closing = this.#unmount(options).then(() => this.#running!).then(() => {
+      if (this.#unmountedClean) this.#returnPassthrough();
+    });
     this.#closing = closing;
     closing.catch(() => {
       if (this.#closing === closing) this.#closing = null; // still mounted: may be retried
@@ -390,6 +402,7 @@ export class FuseExport {
       if (this.#endedFlag) return;
       try {
         await unmount(path);
+        this.#unmountedClean = true;
         return;
       } catch (e) {
         const detached = e instanceof SysError && e.errno === EINVAL; // unmounted elsewhere
@@ -411,6 +424,12 @@ export class FuseExport {
         await sleep(100);
       }
     }
+  }
+
+  /** The disk's front may read ahead again as far as this export is concerned. */
+  #returnPassthrough(): void {
+    if (this.#passthroughLent) this.target.passthroughReturned?.();
+    this.#passthroughLent = false;
   }
 
   /**

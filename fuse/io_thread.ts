@@ -387,7 +387,9 @@ self.onmessage = (event: MessageEvent<IoThreadSetup>): void => {
     loop[Symbol.dispose]();
     post({ kind: "ended" });
   } catch (e) {
-    loop?.[Symbol.dispose]();
+    try {
+      loop?.[Symbol.dispose](); // io_destroy waits for the disk I/O in flight
+    } catch { /* releasing what it holds is all that is left to do */ }
     post({ kind: "failed", message: (e as Error).message, lost: loop?.abandon() ?? false });
   }
   self.close();

@@ -38,6 +38,8 @@ const FUSE_IO_URING_CMD_REGISTER = 1, FUSE_IO_URING_CMD_COMMIT_AND_FETCH = 2;
 const SQE128_WORDS = 32;
 /** user_data: the entry number, and what the operation was in the top byte. */
 const TAG_CMD = 0, TAG_IO = 1 << 24, TAG_WAKE = 2 << 24, ENT_MASK = 0xffffff;
+/** How long a failed thread waits for its disk I/O before it lets go of it anyway. */
+const SETTLE_MS = 5000;
 const TWO32 = 0x100000000;
 
 /** Sizes of the operation headers (fuse_*_in), for requests whose header length is not set. */
@@ -173,6 +175,26 @@ class UringLoop implements Disposable {
   abandon(): boolean {
     while (this.#owed > 0) this.#left();
     return this.#ready;
+  }
+
+  /**
+   * After a failure, before dispose: waits (a few seconds at most) for the disk I/O still at
+   * the kernel, so that what abandon() releases is really done and the entries' memory is no
+   * longer read or written. Nothing is answered: the connection is about to be aborted.
+   */
+  settle(): void {
+    const cq = this.#cq, deadline = Date.now() + SETTLE_MS;
+    while (this.#io > 0 && Date.now() < deadline) {
+      const rc = this.#lib.io_uring_enter(this.#ringFd, 0, 1, IORING_ENTER_GETEVENTS, null);
+      if (rc < 0 && rc !== -EINTR && rc !== -EAGAIN && rc !== -EBUSY) return;
+      for (;;) {
+        const head = cq[this.#cqHead];
+        if (head === Atomics.load(cq, this.#cqTail)) break;
+        const data = cq[this.#cqes + (head & this.#cqMask) * (CQE_SIZE / 4)];
+        Atomics.store(cq, this.#cqHead, (head + 1) >>> 0);
+        if ((data & ~ENT_MASK) === TAG_IO) this.#io--;
+      }
+    }
   }
 
   /** Registers the entries, then serves until the connection ends. */
@@ -399,7 +421,10 @@ self.onmessage = (event: MessageEvent<UringSetup>): void => {
     loop[Symbol.dispose]();
     post({ kind: "ended" });
   } catch (e) {
-    loop?.[Symbol.dispose]();
+    try {
+      loop?.settle();
+      loop?.[Symbol.dispose]();
+    } catch { /* releasing what it holds is all that is left to do */ }
     post({ kind: "failed", message: (e as Error).message, lost: loop?.abandon() ?? false });
   }
   self.close();

@@ -16,7 +16,7 @@ import {
   sleep,
   stuckOnFuse,
 } from "../fuse/helpers.ts";
-import { MiB, qemuIo, rawImage, tapd, type TestDaemon, unixUri, withDaemon } from "./helpers.ts";
+import { MiB, qemuIo, rawImage, tapd, TestDaemon, unixUri, withDaemon } from "./helpers.ts";
 
 const skip = fuseUnavailable();
 /** The fuse module's FUSE over io_uring switch (Linux 6.14+), or null without it. */
@@ -177,6 +177,46 @@ Deno.test({
         await cleanupMount(mp);
       }
     });
+  },
+});
+
+Deno.test({
+  name: "daemon: a FUSE I/O thread that fails mid-write ends the export, not the writer's wait; " +
+    "list shows why",
+  ignore: skip !== null,
+  async fn() {
+    const d = await TestDaemon.start(undefined, undefined, { TAPD_FAILPOINT: "fuse-thread" });
+    const mp = mountPointFile(`${d.dir}/f.disk`);
+    try {
+      const img = rawImage(d, "f.img", 16 * MiB);
+      await d.attach(`tap:aio:${img}`, "--fuse", mp, "--io-threads", "1");
+      const w = await new Deno.Command("timeout", {
+        args: [
+          "20",
+          "dd",
+          "if=/dev/zero",
+          `of=${mp}`,
+          "bs=64k",
+          "count=16",
+          "oflag=direct",
+          "conv=notrunc",
+        ],
+        stderr: "piped",
+      }).output();
+      assert.notEqual(w.code, 124, "the writer waited for a reply that never came");
+      assert.notEqual(w.code, 0, "the write succeeded although its thread failed");
+      let listed = (await d.list())[0];
+      for (let i = 0; i < 50 && listed.exports.length > 0; i++) {
+        await sleep(100);
+        listed = (await d.list())[0];
+      }
+      assert.deepEqual(listed.exports, [], d.stderr);
+      assert.match(listed.reason ?? "", /^fuse:.* ended: a FUSE I\/O thread failed: failpoint/);
+      await d.ctlOk("detach", "0");
+    } finally {
+      await cleanupMount(mp);
+      await d.dispose();
+    }
   },
 });
 

@@ -191,7 +191,7 @@ Deno.test("read-ahead: small and random reads start nothing; memory stays within
   await clearAll(ra, disk, pool);
 });
 
-Deno.test("read-ahead: peek hands loaded windows over in place, never loading or stale ones", async () => {
+Deno.test("read-ahead: peek hands loaded windows over in place, never loading or dropped ones", async () => {
   const disk = new SlowDisk(16 * MiB), pool = new BufferPool();
   const ra = readAhead(disk, pool);
   const size = 256 * KiB;
