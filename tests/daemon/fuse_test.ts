@@ -49,6 +49,16 @@ async function waitForState(d: TestDaemon, id: number, state: string) {
   return disk;
 }
 
+/** Disk `id` once its exports have all ended (or after 5 s). */
+async function waitForNoExports(d: TestDaemon, id: number) {
+  let disk = (await d.list()).find((x) => x.id === id)!;
+  for (let i = 0; i < 50 && disk.exports.length > 0; i++) {
+    await sleep(100);
+    disk = (await d.list()).find((x) => x.id === id)!;
+  }
+  return disk;
+}
+
 Deno.test({
   name: "daemon: attach --fuse serves the disk as a file; detach refused while busy, then unmounts",
   ignore: skip !== null,
@@ -164,11 +174,7 @@ Deno.test({
         assert.deepEqual(disk.exports, [`fuse:${mp}`]);
         const u = await new Deno.Command("umount", { args: [mp], stderr: "piped" }).output();
         assert.equal(u.code, 0, new TextDecoder().decode(u.stderr));
-        let listed = (await d.list())[0];
-        for (let i = 0; i < 50 && listed.exports.length > 0; i++) {
-          await sleep(100);
-          listed = (await d.list())[0];
-        }
+        const listed = await waitForNoExports(d, 0);
         assert.deepEqual(listed.exports, []);
         assert.equal(listed.state, "running");
         assert.equal(listed.reason, `fuse:${mp} ended: unmounted from outside`);
@@ -205,11 +211,7 @@ Deno.test({
       }).output();
       assert.notEqual(w.code, 124, "the writer waited for a reply that never came");
       assert.notEqual(w.code, 0, "the write succeeded although its thread failed");
-      let listed = (await d.list())[0];
-      for (let i = 0; i < 50 && listed.exports.length > 0; i++) {
-        await sleep(100);
-        listed = (await d.list())[0];
-      }
+      const listed = await waitForNoExports(d, 0);
       assert.deepEqual(listed.exports, [], d.stderr);
       assert.match(listed.reason ?? "", /^fuse:.* ended: a FUSE I\/O thread failed: failpoint/);
       await d.ctlOk("detach", "0");
