@@ -10,6 +10,11 @@ const MIN_CLASS = 4096;
 const SLAB_SIZE = 4 * 1024 * 1024;
 const HUGE_PAGE = 2 * 1024 * 1024;
 
+/** The memory a buffer of `size` bytes takes from the pool: its power-of-two size class. */
+export function pooledSize(size: number): number {
+  return sizeClass(size);
+}
+
 function sizeClass(size: number): number {
   let c = MIN_CLASS;
   while (c < size) c *= 2;

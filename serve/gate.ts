@@ -25,7 +25,7 @@ export interface GateStats {
 export class DiskGate implements BlockTarget {
   #disk: Disk;
   #inflight = 0;
-  #idle: (() => void) | null = null;
+  #idle: (() => void)[] = [];
   /** Resolves when the gate opens again; null while open. */
   #held: Promise<void> | null = null;
   #release: (() => void) | null = null;
@@ -116,16 +116,18 @@ export class DiskGate implements BlockTarget {
    */
   readInPlace(offset: number, length: number, use: (parts: Uint8Array[]) => void): boolean {
     const ahead = this.#ahead;
-    if (ahead === null || this.#held !== null) return false;
+    if (ahead === null || this.#held !== null || this.#closed) return false;
+    const stats = this.#readStats, start = stats.start();
     let served: boolean;
     try {
       served = ahead.peek(offset, offset + length, use);
     } catch (e) {
-      this.#readStats.record(-1, length, true);
+      stats.end(start, length, true);
       throw e;
     }
-    // Counted, not timed: it took no I/O.
-    if (served) this.#readStats.record(-1, length, false);
+    // Timed like any other read (the reply's write); a miss is not a request.
+    if (served) stats.end(start, length, false);
+    else stats.unstart();
     return served;
   }
 
@@ -146,16 +148,18 @@ export class DiskGate implements BlockTarget {
       this.#left();
       done(e);
     };
-    const ahead = this.#ahead;
-    if (ahead === null) this.#disk.submit(write, offset, bufs, finish);
-    else if (!write) ahead.read(offset, bufs, finish);
-    else {
-      ahead.changed(offset, offset + bytes);
-      this.#disk.submit(true, offset, bufs, (e) => {
-        this.#ahead?.changed(offset, offset + bytes);
-        finish(e);
-      });
+    if (!write) {
+      const ahead = this.#ahead;
+      if (ahead === null) this.#disk.submit(false, offset, bufs, finish);
+      else ahead.read(offset, bufs, finish);
+      return;
     }
+    // At its end too, even if read-ahead was off at its start: it may have started meanwhile.
+    this.#ahead?.changed(offset, offset + bytes);
+    this.#disk.submit(true, offset, bufs, (e) => {
+      this.#ahead?.changed(offset, offset + bytes);
+      finish(e);
+    });
   }
 
   flush(): Promise<void> {
@@ -179,7 +183,7 @@ export class DiskGate implements BlockTarget {
   async pause(): Promise<void> {
     if (this.#held === null) this.#held = new Promise((resolve) => this.#release = resolve);
     await Promise.all(this.#lent.map((access) => access.hold()));
-    if (this.#inflight > 0) await new Promise<void>((resolve) => this.#idle = resolve);
+    if (this.#inflight > 0) await new Promise<void>((resolve) => this.#idle.push(resolve));
     if (!this.#disk.info.readOnly) await this.#disk.flush();
   }
 
@@ -200,7 +204,10 @@ export class DiskGate implements BlockTarget {
       const old = this.#disk;
       this.#disk = next;
       if (next.changedElsewhere) this.#stopReadAhead();
-      else this.#ahead?.clear();
+      else {
+        this.#ahead?.clear();
+        this.#startReadAhead(); // the old disk may have been one without it (a RAM disk)
+      }
       // The threads' file is the old image: from now on everything comes through here.
       await Promise.all(this.#lent.map((access) => access.close()));
       await old.close();
@@ -211,16 +218,22 @@ export class DiskGate implements BlockTarget {
     release?.();
   }
 
-  /** Waits for requests in flight and closes the disk; held requests fail. */
+  /**
+   * Waits for requests in flight and closes the disk; held requests fail. Read-ahead stops only
+   * then: reads waiting for a window that loads are answered from it.
+   */
   async close(): Promise<void> {
     this.#closed = true;
-    this.#stopReadAhead();
     const disk = this.#disk;
     const release = this.#release;
     this.#held = this.#release = null;
     release?.();
-    await Promise.all(this.#lent.map((access) => access.close()));
-    await disk.close();
+    try {
+      await Promise.all(this.#lent.map((access) => access.close()));
+      await disk.close();
+    } finally {
+      this.#stopReadAhead();
+    }
   }
 
   stats(): GateStats {
@@ -300,10 +313,10 @@ export class DiskGate implements BlockTarget {
   }
 
   #left(): void {
-    if (--this.#inflight === 0 && this.#idle !== null) {
+    if (--this.#inflight === 0 && this.#idle.length > 0) {
       const idle = this.#idle;
-      this.#idle = null;
-      idle();
+      this.#idle = [];
+      for (const resolve of idle) resolve();
     }
   }
 }

@@ -12,7 +12,7 @@
  */
 import type { DiskDone } from "../drivers/driver.ts";
 import { type Buffers, byteLength } from "../io/engine.ts";
-import { type BufferPool, sharedPool } from "../io/buffer_pool.ts";
+import { type BufferPool, pooledSize, sharedPool } from "../io/buffer_pool.ts";
 
 /** Reads smaller than this neither start nor advance read-ahead. */
 const MIN_REQUEST = 128 * 1024;
@@ -265,8 +265,8 @@ export class ReadAhead {
   }
 
   #start(offset: number, end: number): boolean {
-    const length = end - offset;
-    if (this.#bytes + length > this.#budget && !this.#evict(length)) return false;
+    const length = end - offset, cost = pooledSize(length);
+    if (this.#bytes + cost > this.#budget && !this.#evict(cost)) return false;
     const w: Window = {
       offset,
       end,
@@ -281,7 +281,7 @@ export class ReadAhead {
     };
     this.#windows.push(w);
     this.#loading.add(w);
-    this.#bytes += length;
+    this.#bytes += cost;
     this.#fetched += length;
     this.#fetch(offset, w.buf, (e) => {
       this.#loading.delete(w);
@@ -299,8 +299,8 @@ export class ReadAhead {
   }
 
   /** Makes room by dropping the oldest loaded windows; false when what loads fills the budget. */
-  #evict(length: number): boolean {
-    for (let i = 0; i < this.#windows.length && this.#bytes + length > this.#budget;) {
+  #evict(cost: number): boolean {
+    for (let i = 0; i < this.#windows.length && this.#bytes + cost > this.#budget;) {
       const w = this.#windows[i];
       if (w.loading) {
         i++;
@@ -309,7 +309,7 @@ export class ReadAhead {
       this.#windows.splice(i, 1);
       this.#release(w);
     }
-    return this.#bytes + length <= this.#budget;
+    return this.#bytes + cost <= this.#budget;
   }
 
   /**
@@ -324,7 +324,7 @@ export class ReadAhead {
   #giveBack(w: Window): void {
     if (!w.dropped || w.loading || w.holds > 0 || w.given) return;
     w.given = true;
-    this.#bytes -= w.end - w.offset;
+    this.#bytes -= pooledSize(w.end - w.offset);
     this.#pool.give(w.buf);
   }
 }

@@ -62,6 +62,11 @@ export class OpStats {
     return this.#cells[STARTED]++ % SAMPLE_EVERY === 0 ? performance.now() : -1;
   }
 
+  /** Takes back a start() whose request did not happen, so the sampling stays even. */
+  unstart(): void {
+    this.#cells[STARTED]--;
+  }
+
   /** When a request ends, with what start() returned. */
   end(start: number, bytes: number, failed: boolean): void {
     this.record(start < 0 ? -1 : (performance.now() - start) * 1000, bytes, failed);
