@@ -8,6 +8,7 @@ import type { Logger } from "../cli/log.ts";
 import { abortFuseMount } from "../fuse/export.ts";
 import { findMount, FUSE_TYPE } from "../fuse/mount.ts";
 import { TapdiskChild } from "./children.ts";
+import { conflict, type ImageClaim, imageClaims } from "./image_claims.ts";
 import {
   type ControlReply,
   type ControlRequest,
@@ -62,6 +63,8 @@ interface Entry {
   sockets: string[];
   /** The FUSE mount point (resolved), aborted if the child dies with it mounted. */
   fuse: string | null;
+  /** The image files the child holds open, and whether it writes them. */
+  claims: ImageClaim[];
 }
 
 /** Resolves true when `p` settles within `ms`, false otherwise. */
@@ -127,6 +130,8 @@ export class Daemon {
     const ring = req.ring === null ? null : checkRing(req.ring);
     const fuse = req.fuse === null ? null : checkFusePath(req.fuse);
     const xen = req.xen === null ? null : checkXen(req.xen);
+    const claims = await imageClaims(spec, req.readOnly);
+    if (this.#stopping) throw new RequestError("the daemon is shutting down");
     let id = 0;
     while (this.#disks.has(id)) id++;
     if (nbd.length === 0 && ring === null && fuse === null && xen === null) {
@@ -140,6 +145,7 @@ export class Daemon {
     ];
     this.#checkFree([...wanted, ...named]);
     if (fuse !== null) checkFuseMountPoint(fuse);
+    this.#checkImagesFree(claims, null);
     const args = [spec, "--export-name", String(id)];
     for (const address of nbd) args.push("--nbd", address);
     if (ring !== null) args.push("--ring", `unix:${ring}`);
@@ -172,6 +178,7 @@ export class Daemon {
       child,
       sockets: wanted.filter((a) => a.startsWith("unix:")).map((a) => a.slice(5)),
       fuse,
+      claims,
     };
     this.#disks.set(id, entry);
     log.info("starting tapdisk", { tapdiskPid: child.pid, spec });
@@ -210,6 +217,26 @@ export class Daemon {
       if (used !== undefined) {
         throw new RequestError(`${endpoint(used)} is already used by disk ${record.id}`);
       }
+    }
+  }
+
+  /**
+   * Refuses image files that a live disk other than `self` writes, or reads while these claims
+   * would write them: two tapdisks writing one image, or one writing the parent that another
+   * reads through, corrupt what the guests see.
+   */
+  #checkImagesFree(claims: ImageClaim[], self: Entry | null): void {
+    for (const entry of this.#disks.values()) {
+      if (entry === self || entry.record.state === "failed") continue;
+      const held = conflict(claims, entry.claims);
+      if (held === null) continue;
+      const { id, reason, exports } = entry.record;
+      const ended = exports.length === 0 && reason !== null ? `, ${reason}` : "";
+      throw new RequestError(
+        `${held.path} is ${held.writable ? "written" : "read"} by disk ${id}${ended}: ` +
+          `a file that a disk writes cannot be shared (detach disk ${id} first, or attach ` +
+          `both read-only)`,
+      );
     }
   }
 
@@ -294,9 +321,12 @@ export class Daemon {
       }
       checkSpec(reopen);
     }
+    const claims = reopen === null ? null : await imageClaims(reopen, entry.record.readOnly);
+    if (claims !== null) this.#checkImagesFree(claims, entry);
     const reply = await this.#command(entry, "resume", reopen ?? undefined);
     entry.record.state = "running";
     if (reopen !== null) entry.record.spec = reopen;
+    if (claims !== null) entry.claims = claims;
     this.#log.info("resumed", { disk: id, spec: reopen ?? undefined });
     return withWarning({ disk: { ...entry.record } }, reply.ok ? reply.warning : undefined);
   }

@@ -178,7 +178,17 @@ Deno.test({
         assert.deepEqual(listed.exports, []);
         assert.equal(listed.state, "running");
         assert.equal(listed.reason, `fuse:${mp} ended: unmounted from outside`);
+        // The disk still holds its image: attaching it again is refused, and says why.
+        const again = await d.ctl("attach", `tap:aio:${img}`, "--fuse", mp);
+        assert.equal(
+          again.stderr,
+          `tapd: ctl: ${img} is written by disk 0, fuse:${mp} ended: unmounted from outside: ` +
+            `a file that a disk writes cannot be shared (detach disk 0 first, or attach both ` +
+            `read-only)\n`,
+        );
         await d.ctlOk("detach", "0");
+        const back = await d.attach(`tap:aio:${img}`, "--fuse", mp);
+        await d.ctlOk("detach", String(back.id));
       } finally {
         await cleanupMount(mp);
       }

@@ -1,6 +1,6 @@
 /** The control protocol refuses bad requests with one-line error replies; the daemon keeps going. */
 import assert from "node:assert/strict";
-import { qemuIo, rawImage, unixUri, withDaemon } from "./helpers.ts";
+import { qemuIo, rawImage, tapd, unixUri, withDaemon } from "./helpers.ts";
 
 Deno.test("daemon: bad requests get error replies and the daemon keeps serving", async () => {
   await withDaemon(async (d) => {
@@ -86,5 +86,53 @@ Deno.test("daemon: bad requests get error replies and the daemon keeps serving",
     assert.equal(cmdline[cmdline.indexOf("--poll-us") + 1], "200", cmdline.join(" "));
     const io = await qemuIo(unixUri(polled), "write -P 0x5a 0 64k", "read -P 0x5a 0 64k");
     assert.equal(io.code, 0, io.stdout + io.stderr);
+  });
+});
+
+Deno.test("daemon: an image file a disk writes is not attached again (nor its qcow parent)", async () => {
+  await withDaemon(async (d) => {
+    const img = rawImage(d, "a.img");
+    const a = await d.attach(img, "--nbd", `unix:${d.dir}/a.sock`);
+    // The same file under another name, read-write or read-only: refused, one line.
+    Deno.symlinkSync(img, `${d.dir}/link.img`);
+    for (const args of [[`tap:aio:${d.dir}/link.img`], [img, "--read-only"], [`${img},ro`]]) {
+      const again = await d.ctl("attach", ...args);
+      assert.equal(again.code, 1, args.join(" "));
+      assert.equal(
+        again.stderr,
+        `tapd: ctl: ${img} is written by disk ${a.id}: a file that a disk writes cannot be ` +
+          `shared (detach disk ${a.id} first, or attach both read-only)\n`,
+      );
+    }
+    // A qcow overlay over it would read a parent that changes under it.
+    const overlay = `${d.dir}/o.qcow`;
+    const made = await tapd("qcow-create", "64M", overlay, img);
+    assert.equal(made.code, 0, made.stderr);
+    const over = await d.ctl("attach", `tap:qcow:${overlay}`);
+    assert.match(over.stderr, /^tapd: ctl: .*a\.img is written by disk 0: /);
+    // Read-only twice is fine; then the overlay (reading the parent) is fine too, and the parent
+    // cannot be attached writable while the overlay reads it.
+    await d.ctlOk("detach", String(a.id));
+    const ro1 = await d.attach(img, "--read-only");
+    const ro2 = await d.attach(`${img},ro`);
+    const o = await d.attach(`tap:qcow:${overlay}`);
+    const rw = await d.ctl("attach", img);
+    assert.match(rw.stderr, /^tapd: ctl: .*a\.img is read by disk \d: /);
+    // The overlay itself is written by disk o: not twice.
+    const o2 = await d.ctl("attach", `tap:qcow:${overlay}`);
+    assert.match(o2.stderr, new RegExp(`o\\.qcow is written by disk ${o.id}: `));
+    // A failed disk holds nothing: once its tapdisk is gone, its image can be attached.
+    assert.ok(o.pid !== null);
+    Deno.kill(o.pid, "SIGKILL");
+    for (
+      let i = 0;
+      i < 100 && (await d.list()).find((x) => x.id === o.id)?.state !== "failed";
+      i++
+    ) {
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const back = await d.attach(`tap:qcow:${overlay}`);
+    assert.equal(back.state, "running");
+    assert.deepEqual([ro1.state, ro2.state], ["running", "running"]);
   });
 });

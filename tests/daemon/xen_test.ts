@@ -64,14 +64,15 @@ Deno.test("daemon: attach --xen plugs a vbd, refuses duplicates and bad targets,
       'tapd: ctl: invalid Xen target "3:bogus": "bogus" is not a virtual device name (e.g. xvda, xvdb1)\n',
     );
     // A domain that does not exist: the tapdisk says so, and no disk is left.
-    const missing = await d.ctl("attach", img, "--xen", "9");
+    const img2 = rawImage(d, "b.img", 16 * MiB);
+    const missing = await d.ctl("attach", img2, "--xen", "9");
     assert.equal(missing.code, 1);
-    assert.equal(missing.stderr, `tapd: ctl: attach ${img}: Xen domain 9 does not exist\n`);
+    assert.equal(missing.stderr, `tapd: ctl: attach ${img2}: Xen domain 9 does not exist\n`);
     assert.deepEqual((await d.list()).map((x) => x.id), [0]);
     assert.deepEqual(store.directory("/local/domain/0/backend/vbd3"), ["3"]);
 
     // A device whose frontend vanishes (the guest removed it) ends; the disk serves on.
-    const other = await d.ctlOk("attach", img, "--xen", "3:xvdc");
+    const other = await d.ctlOk("attach", img2, "--xen", "3:xvdc");
     assert.match(other.stdout, /^disk 1: running .*\n {2}xen:3:xvdc\n$/);
     await store.waitFor(`${BE}/${XVDC}/state`, (v) => v === "2");
     store.rm(`${FE}/${XVDC}`);
