@@ -172,17 +172,10 @@ export class FuseExport {
       : uringAccess === null
       ? notRaw
       : enableUring(this.#log);
-    let device: FuseDevice;
-    try {
-      device = new FuseDevice();
-    } catch (e) {
-      backing?.close();
-      this.#returnPassthrough();
-      uringAccess?.[Symbol.dispose]();
-      throw e;
-    }
+    let device: FuseDevice | null = null;
     let session: FuseSession;
     try {
+      device = new FuseDevice();
       session = new FuseSession(device, this.target, {
         attributes: new FileAttributes({
           size: this.target.size,
@@ -207,7 +200,7 @@ export class FuseExport {
         source: `tapd:${this.target.name}`,
       });
     } catch (e) {
-      device[Symbol.dispose]();
+      device?.[Symbol.dispose]();
       backing?.close();
       this.#returnPassthrough();
       uringAccess?.[Symbol.dispose]();
@@ -238,10 +231,6 @@ export class FuseExport {
       session[Symbol.dispose]();
       device[Symbol.dispose]();
       backing?.close();
-      // The kernel's passthrough I/O bypasses the connection: after an abort or a lazy unmount a
-      // user that still has the file open (a loop device) may go on writing through it, so the
-      // file counts as returned only once nobody can have it open.
-      if (this.#unmountedClean) this.#returnPassthrough();
       this.#log.info("unmounted", { requests: session.requests });
       this.#endedFlag = true;
       this.#ended.resolve();
@@ -386,6 +375,9 @@ export class FuseExport {
       return this.#closing;
     }
     const closing = this.#unmount(options).then(() => this.#running!).then(() => {
+      // The kernel's passthrough I/O bypasses the connection: after an abort or a lazy unmount
+      // a user that still has the file open (a loop device) may go on writing through it, so
+      // the file counts as returned only once nobody can have it open.
       if (this.#unmountedClean) this.#returnPassthrough();
     });
     this.#closing = closing;
