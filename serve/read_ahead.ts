@@ -26,6 +26,8 @@ const MAX_WINDOW = 1024 * 1024;
 export const MAX_AHEAD = 16 * 1024 * 1024;
 /** Sequential readers followed at once. */
 const STREAMS = 4;
+/** Where windows may start and end: a multiple of any disk's logical sector. */
+const ALIGN = 4096;
 
 /** Reads from the disk itself (into a caller's buffers, or a window). */
 export type ReadIssuer = (offset: number, bufs: Buffers, done: DiskDone) => void;
@@ -234,6 +236,9 @@ export class ReadAhead {
 
   /** Follows the reader that a large read continues, and reads ahead of it. */
   #follow(offset: number, end: number): void {
+    // Windows are read with O_DIRECT: a reader at unaligned offsets (served in place from
+    // windows, at any byte) would start windows the disk refuses.
+    if (offset % ALIGN !== 0 || end % ALIGN !== 0) return;
     const i = this.#streams.findIndex((s) => s.next === offset);
     if (i < 0) {
       // A new reader: read-ahead starts once it continues.

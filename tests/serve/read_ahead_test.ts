@@ -178,6 +178,13 @@ Deno.test("read-ahead: small and random reads start nothing; memory stays within
     await got;
   }
   assert.equal(disk.fetches, 0);
+  // A sequential reader at unaligned offsets: windows there would be refused by O_DIRECT.
+  for (let at = 100; at < 100 + 4 * 256 * KiB; at += 256 * KiB) {
+    const got = read(ra, at, 256 * KiB);
+    await disk.settle();
+    await got;
+  }
+  assert.equal(disk.fetches, 0);
   // Four readers at once, each sequential: windows ahead of each, 8 MiB at most in all.
   let most = 0;
   for (let step = 0; step < 16; step++) {
