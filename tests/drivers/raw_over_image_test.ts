@@ -52,6 +52,7 @@ Deno.test("tapd ctl attach tap:aio over a qcow image prints the warning; tap:qco
     await d.ctlOk("detach", "0");
     const right = await d.ctlOk("attach", `tap:qcow:${qcow}`);
     assert.equal(right.stderr, "");
+    await d.ctlOk("detach", "0");
     const ro = await d.ctlOk("attach", `tap:aio:${qcow}`, "--read-only");
     assert.equal(ro.stderr, "");
   });
