@@ -24,6 +24,7 @@
  */
 import { parseArgs } from "node:util";
 import { median, ROOT } from "./common.ts";
+import { targetLines } from "./seed_targets.ts";
 
 const { values: opts } = parseArgs({
   options: {
@@ -596,6 +597,25 @@ function render(series: Series[], rounds: number): string {
       }),
     );
   };
+  /** The median of a configuration's ratios to the same round's native figure, or null. */
+  const ratio = (s: Series, pick: (r: Row) => number | null | undefined): number | null => {
+    const ratios: number[] = [];
+    s.rounds.forEach((r, i) => {
+      const b = base(i);
+      if (r.error !== undefined || b === undefined) return;
+      const v = pick(r), bv = pick(b);
+      if (typeof v === "number" && typeof bv === "number" && bv > 0) ratios.push(v / bv);
+    });
+    return ratios.length === 0 ? null : median(ratios);
+  };
+  const pickOf = (column: string): (r: Row) => number | null | undefined => {
+    const b = BONNIE_COLUMNS.find(([, h]) => h === column);
+    return b !== undefined ? (r) => r.bonnie?.[b[0]] : (r) => r.fio?.[column];
+  };
+  const ratioOf = (row: string, column: string): number | null => {
+    const s = series.find((x) => x.name === row);
+    return s === undefined ? null : ratio(s, pickOf(column));
+  };
   const bonnieRows = series.map((s) =>
     rowsOf(s, (ok, idx) => BONNIE_COLUMNS.map(([k]) => column(s, ok, idx, (r) => r.bonnie?.[k])))
   );
@@ -617,6 +637,11 @@ function render(series: Series[], rounds: number): string {
     "",
     table(["", ...FIO_JOBS.map((j) => j.name)], fioRows),
     ...notes(series),
+    ...(native === undefined ? [] : targetLines(
+      ratioOf,
+      new Set(series.filter((s) => s.rounds.some((r) => r.error === undefined)).map((s) => s.name)),
+      [...BONNIE_COLUMNS.map(([, h]) => h), ...FIO_JOBS.map((j) => j.name)],
+    )),
   ].join("\n");
 }
 
