@@ -194,8 +194,12 @@ export class Daemon {
         size: ready.size,
       });
     } catch (e) {
+      // Listed (and holding its image) until it is gone: it may have the image open still.
+      if (!await within(child.exited, STOP_TIMEOUT_MS)) {
+        child.kill("SIGKILL");
+        await child.exited;
+      }
       this.#disks.delete(id);
-      if (!await within(child.exited, STOP_TIMEOUT_MS)) child.kill("SIGKILL");
       throw new RequestError(`attach ${spec}: ${(e as Error).message}`);
     }
     log.info("attached", { exports: entry.record.exports.join(" ") });
@@ -228,14 +232,22 @@ export class Daemon {
   #checkImagesFree(claims: ImageClaim[], self: Entry | null): void {
     for (const entry of this.#disks.values()) {
       if (entry === self || entry.record.state === "failed") continue;
-      const held = conflict(claims, entry.claims);
-      if (held === null) continue;
-      const { id, reason, exports } = entry.record;
+      const found = conflict(claims, entry.claims);
+      if (found === null) continue;
+      const { mine, theirs } = found;
+      const { id, reason, exports, state } = entry.record;
+      const name = mine.path === theirs.path
+        ? theirs.path
+        : `${mine.path} (the same file as ${theirs.path})`;
       const ended = exports.length === 0 && reason !== null ? `, ${reason}` : "";
+      const what = `${name} is ${theirs.writable ? "written" : "read"} by disk ${id}`;
+      const why = "a file that a disk writes cannot be shared";
       throw new RequestError(
-        `${held.path} is ${held.writable ? "written" : "read"} by disk ${id}${ended}: ` +
-          `a file that a disk writes cannot be shared (detach disk ${id} first, or attach ` +
-          `both read-only)`,
+        state === "stopping"
+          ? `${what}, which is being detached: ${why} (try again once it is gone)`
+          : self !== null
+          ? `${what}${ended}: ${why} (detach disk ${id} first)`
+          : `${what}${ended}: ${why} (detach disk ${id} first, or attach both read-only)`,
       );
     }
   }
@@ -321,10 +333,22 @@ export class Daemon {
       }
       checkSpec(reopen);
     }
-    const claims = reopen === null ? null : await imageClaims(reopen, entry.record.readOnly);
-    if (claims !== null) this.#checkImagesFree(claims, entry);
-    const reply = await this.#command(entry, "resume", reopen ?? undefined);
-    entry.record.state = "running";
+    const old = entry.claims;
+    let claims: ImageClaim[] | null = null;
+    if (reopen !== null) {
+      claims = await imageClaims(reopen, entry.record.readOnly);
+      // Checked again after the wait: another request may have detached or resumed it.
+      if (this.#live(id) !== entry || entry.record.state !== "paused") {
+        throw new RequestError(`resume --reopen: disk ${id} is not paused any more`);
+      }
+      this.#checkImagesFree(claims, entry);
+      entry.claims = [...old, ...claims]; // both may be open while the tapdisk switches
+    }
+    const reply = await this.#command(entry, "resume", reopen ?? undefined).catch((e) => {
+      entry.claims = old;
+      throw e;
+    });
+    if (entry.record.state !== "stopping") entry.record.state = "running";
     if (reopen !== null) entry.record.spec = reopen;
     if (claims !== null) entry.claims = claims;
     this.#log.info("resumed", { disk: id, spec: reopen ?? undefined });

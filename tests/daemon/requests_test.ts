@@ -94,13 +94,21 @@ Deno.test("daemon: an image file a disk writes is not attached again (nor its qc
     const img = rawImage(d, "a.img");
     const a = await d.attach(img, "--nbd", `unix:${d.dir}/a.sock`);
     // The same file under another name, read-write or read-only: refused, one line.
-    Deno.symlinkSync(img, `${d.dir}/link.img`);
-    for (const args of [[`tap:aio:${d.dir}/link.img`], [img, "--read-only"], [`${img},ro`]]) {
+    const link = `${d.dir}/link.img`;
+    Deno.symlinkSync(img, link);
+    const cases: [string[], string][] = [
+      [[`tap:aio:${link}`], `${link} (the same file as ${img})`],
+      [[img, "--read-only"], img],
+      [[`${img},ro`], img],
+      [[`tap:ram:${img},persist`], img], // writes it back
+      [[`tap:ram:${img}`], img], // reads it when it loads
+    ];
+    for (const [args, name] of cases) {
       const again = await d.ctl("attach", ...args);
       assert.equal(again.code, 1, args.join(" "));
       assert.equal(
         again.stderr,
-        `tapd: ctl: ${img} is written by disk ${a.id}: a file that a disk writes cannot be ` +
+        `tapd: ctl: ${name} is written by disk ${a.id}: a file that a disk writes cannot be ` +
           `shared (detach disk ${a.id} first, or attach both read-only)\n`,
       );
     }
@@ -134,5 +142,32 @@ Deno.test("daemon: an image file a disk writes is not attached again (nor its qc
     const back = await d.attach(`tap:qcow:${overlay}`);
     assert.equal(back.state, "running");
     assert.deepEqual([ro1.state, ro2.state], ["running", "running"]);
+    // A VHD differencing child reads its parent the same way.
+    const pv = `${d.dir}/p.vhd`, cv = `${d.dir}/c.vhd`;
+    assert.equal((await tapd("create", "-f", "vhd", pv, "64M")).code, 0);
+    assert.equal((await tapd("create", "-f", "vhd", "-b", pv, cv)).code, 0);
+    const parent = await d.attach(`tap:vhd:${pv}`);
+    const child = await d.ctl("attach", `tap:vhd:${cv}`);
+    assert.match(
+      child.stderr,
+      new RegExp(`^tapd: ctl: .*p\\.vhd is written by disk ${parent.id}: `),
+    );
+    // ram disks of one file share its memory: two of them may write it; an aio disk may not.
+    const shm = rawImage(d, "shm.img");
+    await d.attach(`tap:ram:${shm},persist`);
+    await d.attach(`tap:ram:${shm}`);
+    const beside = await d.ctl("attach", shm);
+    assert.match(beside.stderr, /^tapd: ctl: .*shm\.img is written by disk \d: /);
+    // resume --reopen onto a file another disk writes: refused, the disk stays paused.
+    const x = await d.attach(rawImage(d, "x.img"));
+    await d.ctlOk("pause", String(x.id));
+    const reopen = await d.ctl("resume", String(x.id), "--reopen", `tap:qcow:${overlay}`);
+    assert.equal(
+      reopen.stderr,
+      `tapd: ctl: ${overlay} is written by disk ${back.id}: a file that a disk writes cannot ` +
+        `be shared (detach disk ${back.id} first)\n`,
+    );
+    assert.equal((await d.list()).find((r) => r.id === x.id)?.state, "paused");
+    await d.ctlOk("resume", String(x.id));
   });
 });
