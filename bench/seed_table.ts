@@ -597,16 +597,25 @@ function render(series: Series[], rounds: number): string {
       }),
     );
   };
-  /** The median of a configuration's ratios to the same round's native figure, or null. */
+  /**
+   * The median of a configuration's ratios to the same round's native figure, or null where its
+   * cell shows none (as cell() decides: mostly too fast to time, here or natively).
+   */
   const ratio = (s: Series, pick: (r: Row) => number | null | undefined): number | null => {
     const ratios: number[] = [];
+    let measured = 0, nums = 0;
     s.rounds.forEach((r, i) => {
-      const b = base(i);
-      if (r.error !== undefined || b === undefined) return;
-      const v = pick(r), bv = pick(b);
-      if (typeof v === "number" && typeof bv === "number" && bv > 0) ratios.push(v / bv);
+      if (r.error !== undefined) return;
+      const v = pick(r);
+      if (v === undefined) return;
+      measured++;
+      if (v === null) return;
+      nums++;
+      const bv = base(i) === undefined ? undefined : pick(base(i)!);
+      if (typeof bv === "number" && bv > 0) ratios.push(v / bv);
     });
-    return ratios.length === 0 ? null : median(ratios);
+    if (nums * 2 <= measured || ratios.length * 2 <= nums) return null;
+    return median(ratios);
   };
   const pickOf = (column: string): (r: Row) => number | null | undefined => {
     const b = BONNIE_COLUMNS.find(([, h]) => h === column);

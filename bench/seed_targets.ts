@@ -24,10 +24,12 @@ function atLeast(ratioOf: RatioOf, row: string, min: number, columns: string[]):
   const what = `- ${row} ≥${min.toFixed(2)}× native on ${columns.join(", ")}`;
   if (measured.length === 0) return `${what}: not measured`;
   const shown = measured.map(([c, r]) => (columns.length > 3 ? `${c} ` : "") + x(r)).join(", ");
-  const missing = measured.length < columns.length ? " (some not measured)" : "";
-  return below.length === 0
-    ? `${what}: met (${shown})${missing}`
-    : `${what}: NOT MET (${shown})${missing}`;
+  const unmeasured = figures.filter(([, r]) => r === null).map(([c]) => c);
+  // A column without a figure shows nothing: the target is not shown to be met.
+  const missing = unmeasured.length > 0 ? `; not measured: ${unmeasured.join(", ")}` : "";
+  return below.length === 0 && unmeasured.length === 0
+    ? `${what}: met (${shown})`
+    : `${what}: NOT MET (${shown}${missing})`;
 }
 
 /** `row` ahead of every peer present on every column both measured. */

@@ -54,4 +54,12 @@ Deno.test("seed targets: only for the rows measured; a failed peer is nothing to
       "- tapd aio ahead of qsd fuse on every column: not measured",
     ],
   );
+  // A column without a figure does not count as met.
+  const gap = (row: string, column: string) =>
+    column === "rand read 4k QD64" ? null : aio(row, column);
+  assert.equal(
+    targetLines(gap, new Set(["native", "tapd aio"]), COLUMNS)[3],
+    "- tapd aio ≥0.80× native on rand write 4k QD64, rand read 4k QD64: NOT MET (0.95×; " +
+      "not measured: rand read 4k QD64)",
+  );
 });
