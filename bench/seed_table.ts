@@ -492,6 +492,31 @@ interface Series {
   rounds: Row[];
 }
 
+/** The rounds' figures that are numbers, or null where bonnie++ mostly printed +++++. */
+function timed(values: (number | null | undefined)[]): number[] | null {
+  const measured = values.filter((v) => v !== undefined);
+  const nums = measured.filter((v): v is number => v !== null);
+  return nums.length * 2 <= measured.length ? null : nums;
+}
+
+/**
+ * The ratios of `values` to the same round's native figures, or null where a cell shows none:
+ * the row, or native itself, mostly too fast to measure.
+ */
+function ratiosTo(
+  values: (number | null | undefined)[],
+  bases: (number | null | undefined)[],
+): number[] | null {
+  const nums = timed(values);
+  if (nums === null) return null;
+  const ratios: number[] = [];
+  values.forEach((v, i) => {
+    const b = bases[i];
+    if (typeof v === "number" && typeof b === "number" && b > 0) ratios.push(v / b);
+  });
+  return ratios.length * 2 <= nums.length ? null : ratios;
+}
+
 /**
  * A cell: the median of the rounds' values and the median of their ratios to the same round's
  * native figure, with the ratios' range when there was more than one round.
@@ -501,23 +526,17 @@ function cell(
   /** The same round's native figures; null for native's own row. */
   bases: (number | null | undefined)[] | null,
 ): string {
-  const measured = values.filter((v) => v !== undefined);
-  if (measured.length === 0) return "-";
-  const nums = measured.filter((v): v is number => v !== null);
-  if (nums.length * 2 <= measured.length) return "+++++"; // bonnie++: too fast to measure
+  if (values.every((v) => v === undefined)) return "-";
+  const nums = timed(values);
+  if (nums === null) return "+++++"; // bonnie++: too fast to measure
   const mid = median(nums);
   let out = Math.round(mid).toLocaleString("en-US");
   if (bases === null) { // native: how far its rounds spread around their median
     const spread = Math.max(...nums.map((v) => Math.abs(v / mid - 1)));
     return nums.length > 1 ? `${out} (±${Math.round(spread * 100)}%)` : `${out} (1.00×)`;
   }
-  const ratios: number[] = [];
-  values.forEach((v, i) => {
-    const b = bases[i];
-    if (typeof v === "number" && typeof b === "number" && b > 0) ratios.push(v / b);
-  });
-  // No ratio where native itself was mostly too fast to measure.
-  if (ratios.length * 2 <= nums.length) return out;
+  const ratios = ratiosTo(values, bases);
+  if (ratios === null) return out;
   out += ` (${median(ratios).toFixed(2)}×`;
   if (ratios.length > 1) {
     out += `, ${Math.min(...ratios).toFixed(2)}–${Math.max(...ratios).toFixed(2)}`;
@@ -580,42 +599,24 @@ function render(series: Series[], rounds: number): string {
     const idx = s.rounds.flatMap((r, i) => (r.error === undefined ? [i] : []));
     return [label(s), ...cells(ok, idx)];
   };
+  /** Native's figures for the rounds `idx`, undefined where native failed. */
+  const basesOf = (idx: number[], pick: (r: Row) => number | null | undefined) =>
+    idx.map((i) => {
+      const b = base(i);
+      return b === undefined ? undefined : pick(b);
+    });
   /** One column of one configuration: native's own spread, or ratios to native by round. */
   const column = (
     s: Series,
     ok: Row[],
     idx: number[],
     pick: (r: Row) => number | null | undefined,
-  ): string => {
-    const values = ok.map(pick);
-    if (s === native) return cell(values, null);
-    return cell(
-      values,
-      idx.map((i) => {
-        const b = base(i);
-        return b === undefined ? undefined : pick(b);
-      }),
-    );
-  };
-  /**
-   * The median of a configuration's ratios to the same round's native figure, or null where its
-   * cell shows none (as cell() decides: mostly too fast to time, here or natively).
-   */
+  ): string => cell(ok.map(pick), s === native ? null : basesOf(idx, pick));
+  /** The median of what a configuration's cell shows as its ratio to native, or null. */
   const ratio = (s: Series, pick: (r: Row) => number | null | undefined): number | null => {
-    const ratios: number[] = [];
-    let measured = 0, nums = 0;
-    s.rounds.forEach((r, i) => {
-      if (r.error !== undefined) return;
-      const v = pick(r);
-      if (v === undefined) return;
-      measured++;
-      if (v === null) return;
-      nums++;
-      const bv = base(i) === undefined ? undefined : pick(base(i)!);
-      if (typeof bv === "number" && bv > 0) ratios.push(v / bv);
-    });
-    if (nums * 2 <= measured || ratios.length * 2 <= nums) return null;
-    return median(ratios);
+    const idx = s.rounds.flatMap((r, i) => (r.error === undefined ? [i] : []));
+    const ratios = ratiosTo(idx.map((i) => pick(s.rounds[i])), basesOf(idx, pick));
+    return ratios === null ? null : median(ratios);
   };
   const pickOf = (column: string): (r: Row) => number | null | undefined => {
     const b = BONNIE_COLUMNS.find(([, h]) => h === column);

@@ -12,10 +12,6 @@ const HUGE_PAGE = 2 * 1024 * 1024;
 
 /** The memory a buffer of `size` bytes takes from the pool: its power-of-two size class. */
 export function pooledSize(size: number): number {
-  return sizeClass(size);
-}
-
-function sizeClass(size: number): number {
   let c = MIN_CLASS;
   while (c < size) c *= 2;
   return c;
@@ -28,7 +24,7 @@ export class BufferPool implements Disposable {
 
   /** A buffer of `size` bytes (contents undefined), aligned to 4 KiB. */
   take(size: number): Uint8Array<ArrayBuffer> {
-    const cls = sizeClass(size);
+    const cls = pooledSize(size);
     let list = this.#free.get(cls);
     if (list === undefined) this.#free.set(cls, list = []);
     if (list.length === 0) this.#grow(cls, list);
@@ -39,7 +35,7 @@ export class BufferPool implements Disposable {
 
   /** Returns a buffer obtained from `take`. */
   give(buf: Uint8Array<ArrayBuffer>): void {
-    const cls = sizeClass(buf.length);
+    const cls = pooledSize(buf.length);
     const chunk = buf.length === cls ? buf : new Uint8Array(buf.buffer, buf.byteOffset, cls);
     this.#free.get(cls)!.push(chunk);
     this.#out--;
