@@ -102,6 +102,11 @@ export interface DiskOptions {
   pollMicros?: number;
   /** ram: write the RAM image back to its file on flush and on last close. */
   persist?: boolean;
+  /**
+   * Read-only: open the image even while another process writes it (qemu-img's -U), without
+   * the image lock that keeps writers out (drivers/image_lock.ts).
+   */
+  forceShare?: boolean;
 }
 
 /** What a driver may ask of the registry while opening (it cannot import the registry). */

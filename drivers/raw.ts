@@ -24,13 +24,31 @@ import { type Buffers, byteLength, type EngineKind, type IoEngine } from "../io/
 import { createEngine } from "../io/mod.ts";
 import type { DiskDone, DiskImpl, DiskInfo, DiskOptions, Driver, Extent } from "./driver.ts";
 import { DiskError } from "./errors.ts";
+import { lockImageFile } from "./image_lock.ts";
 
 /** Extents reported by one blockStatus call at most (each costs two lseeks). */
 const MAX_EXTENTS = 1024;
 const ZERO_CHUNK = 1024 * 1024;
 
-/** Opens an image file read-only or read-write, with O_DIRECT when `direct` (DiskOptions.direct). */
+/**
+ * Opens an image file read-only or read-write, with O_DIRECT when `direct` (DiskOptions.direct),
+ * and takes QEMU's image locks on it for as long as it is open (drivers/image_lock.ts).
+ */
 export function openImageFile(path: string, options: DiskOptions, direct: boolean): FileHandle {
+  const file = openFile(path, options, direct);
+  try {
+    lockImageFile(file, path, {
+      readOnly: options.readOnly ?? false,
+      forceShare: options.forceShare,
+    });
+    return file;
+  } catch (e) {
+    file.close();
+    throw e;
+  }
+}
+
+function openFile(path: string, options: DiskOptions, direct: boolean): FileHandle {
   const flags = options.readOnly ? O_RDONLY : O_RDWR;
   if (!direct) return FileHandle.open(path, flags);
   try {

@@ -9,6 +9,15 @@ export const O_TRUNC = 0o1000;
 export const O_DIRECT = 0o40000;
 export const O_CLOEXEC = 0o2000000;
 
+// fcntl(2) open file description locks (struct flock: l_type i16, l_whence i16, l_start i64 at 8,
+// l_len i64 at 16, l_pid i32 at 24; 32 bytes).
+export const F_OFD_GETLK = 36;
+export const F_OFD_SETLK = 37;
+export const F_RDLCK = 0;
+export const F_WRLCK = 1;
+export const F_UNLCK = 2;
+export const FLOCK_SIZE = 32;
+
 export const S_IFMT = 0o170000;
 export const S_IFREG = 0o100000;
 export const S_IFBLK = 0o060000;

@@ -10,6 +10,11 @@ import {
   EINTR,
   EPOLL_CLOEXEC,
   EPOLL_CTL_ADD,
+  F_OFD_GETLK,
+  F_OFD_SETLK,
+  F_UNLCK,
+  F_WRLCK,
+  FLOCK_SIZE,
   MFD_CLOEXEC,
   O_CLOEXEC,
   S_IFBLK,
@@ -19,6 +24,8 @@ import {
 
 /** What fstat says about a descriptor (the fields tapd uses). */
 export interface FileStat {
+  /** "st_dev:st_ino": the same for every name and descriptor of one file. */
+  identity: string;
   mode: number;
   size: number;
   blockSize: number;
@@ -33,6 +40,8 @@ export class FileHandle implements Disposable {
   #fd: number;
   /** The path it was opened with (for error messages). */
   readonly path: string;
+  /** What to release once the descriptor is closed (afterClose). */
+  #released: (() => void)[] = [];
 
   constructor(fd: number, path: string) {
     this.#fd = fd;
@@ -66,6 +75,7 @@ export class FileHandle implements Disposable {
     const v = new DataView(buf.buffer);
     const mode = v.getUint32(24, true);
     return {
+      identity: `${v.getBigUint64(0, true)}:${v.getBigUint64(8, true)}`,
       mode,
       size: Number(v.getBigInt64(48, true)),
       blockSize: Number(v.getBigInt64(56, true)),
@@ -150,16 +160,52 @@ export class FileHandle implements Disposable {
     check(libc.ftruncate(this.fd, BigInt(size)), "ftruncate", this.path);
   }
 
+  /**
+   * Sets (`type` F_RDLCK or F_WRLCK) or removes (F_UNLCK) an open file description lock on one
+   * byte; never waits. Returns the errno when the lock is refused (EAGAIN: another description
+   * holds a conflicting one; ENOLCK, EINVAL, EOPNOTSUPP: the file system has no such locks).
+   */
+  byteLock(offset: number, type: number): number {
+    const flock = byteLockStruct(offset, type);
+    return libc.fcntl_lock(this.fd, F_OFD_SETLK, flock) === 0 ? 0 : lastErrno();
+  }
+
+  /** Whether another open file description holds a lock on the byte at `offset` (F_OFD_GETLK). */
+  byteLocked(offset: number): boolean {
+    const flock = byteLockStruct(offset, F_WRLCK);
+    check(libc.fcntl_lock(this.fd, F_OFD_GETLK, flock), "fcntl(F_OFD_GETLK)", this.path);
+    return new DataView(flock.buffer).getInt16(0, true) !== F_UNLCK;
+  }
+
+  /** Runs `release` once the descriptor has been closed (something held on its behalf). */
+  afterClose(release: () => void): void {
+    if (this.#fd < 0) throw new Error(`File "${this.path}" is closed`);
+    this.#released.push(release);
+  }
+
   close(): void {
     if (this.#fd < 0) return;
     const fd = this.#fd;
     this.#fd = -1;
-    check(libc.close(fd), "close", this.path);
+    try {
+      check(libc.close(fd), "close", this.path);
+    } finally {
+      for (const release of this.#released.splice(0)) release();
+    }
   }
 
   [Symbol.dispose](): void {
     this.close();
   }
+}
+
+function byteLockStruct(offset: number, type: number): Uint8Array<ArrayBuffer> {
+  const flock = new Uint8Array(FLOCK_SIZE); // l_whence SEEK_SET, l_pid 0 (required for OFD locks)
+  const view = new DataView(flock.buffer);
+  view.setInt16(0, type, true);
+  view.setBigInt64(8, BigInt(offset), true);
+  view.setBigInt64(16, 1n, true);
+  return flock;
 }
 
 /** A counter file descriptor (eventfd(2)) used to wake a waiter parked on the thread pool. */

@@ -123,6 +123,8 @@ const symbols = {
     nonblocking: true,
   },
   flock: { parameters: ["i32", "i32"], result: "i32" },
+  /** fcntl(2) with a struct flock (F_OFD_SETLK, F_OFD_GETLK: never blocks). */
+  fcntl_lock: { name: "fcntl", parameters: ["i32", "i32", "buffer"], result: "i32" },
   flock_nb: { name: "flock", parameters: ["i32", "i32"], result: "i32", nonblocking: true },
 
   sched_setaffinity: {

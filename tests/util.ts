@@ -161,3 +161,37 @@ export async function withNoUnhandledRejections(
     throw new Error(`unhandled promise rejections: ${JSON.stringify(unhandled)}`);
   }
 }
+
+/** The image lock bytes (drivers/image_lock.ts) any process holds on `path` now, from /proc/locks. */
+export function lockedBytes(path: string): number[] {
+  const { dev, ino } = Deno.statSync(path);
+  const major = (dev! >> 8) & 0xfff, minor = (dev! & 0xff) | ((dev! >> 12) & 0xfff00);
+  const id = `${major.toString(16).padStart(2, "0")}:${minor.toString(16).padStart(2, "0")}:${ino}`;
+  const bytes: number[] = [];
+  for (const line of Deno.readTextFileSync("/proc/locks").split("\n")) {
+    const f = line.trim().split(/\s+/);
+    if (f[1] !== "OFDLCK" || f[5] !== id) continue;
+    for (let b = Number(f[6]); b <= Number(f[7]); b++) bytes.push(b);
+  }
+  return bytes.sort((a, b) => a - b);
+}
+
+/** qemu-io holding `path` open (with `flags`) until disposed; its locks are set on return. */
+export async function qemuIoHolding(path: string, ...flags: string[]): Promise<AsyncDisposable> {
+  const child = new Deno.Command("qemu-io", {
+    args: [...flags, "-c", "sleep 60000", path],
+    stdout: "null",
+    stderr: "piped",
+  }).spawn();
+  const deadline = Date.now() + 10_000;
+  while (!lockedBytes(path).includes(100)) {
+    if (Date.now() > deadline) throw new Error(`qemu-io ${flags.join(" ")} ${path} took no lock`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return {
+    async [Symbol.asyncDispose]() {
+      child.kill("SIGKILL");
+      await child.output();
+    },
+  };
+}

@@ -3,22 +3,26 @@ import { parseChoice, parseCommandLine } from "../cli/args.ts";
 import { type Command, UsageError } from "../cli/command.ts";
 import { checkExitCode } from "../drivers/image_format.ts";
 import { formatNamed, imageFormat } from "./formats.ts";
+import { lockImagePath } from "../drivers/image_lock.ts";
 
 export const checkCommand: Command = {
   name: "check",
   summary: "check an image's metadata for corruption and leaks (like qemu-img check)",
-  usage: `Usage: tapd check [-f FMT] [--output=human|json] IMAGE
+  usage: `Usage: tapd check [-f FMT] [--output=human|json] [-U] IMAGE
 
 Reads every table of IMAGE (format probed, or given with -f) without changing it: entries
 outside the file, two entries on one cluster, bad checksums, broken descriptors, missing
 parents. Exit status as qemu-img check: 0 no errors, 2 corruption, 3 only leaked clusters
 (allocated but unused: harmless), 1 the image could not be checked at all, 63 the format has
-nothing to check (raw).`,
+nothing to check (raw). An image another process writes (a VM, qemu-nbd, a tapd disk: QEMU's
+image locks) is refused, since its tables change while they are read; -U (--force-share)
+checks it anyway, like qemu-img check -U.`,
 
   async run(args: string[]): Promise<number> {
     const { values, positionals } = parseCommandLine("check", args, {
       f: { type: "string", short: "f" },
       output: { type: "string", default: "human" },
+      "force-share": { type: "boolean", short: "U", default: false },
     });
     if (positionals.length !== 1) throw new UsageError("check: expected one IMAGE");
     const output = parseChoice(values.output, "--output", ["human", "json"] as const);
@@ -31,6 +35,7 @@ nothing to check (raw).`,
       } else console.log(`tapd: check: "${path}" is a raw image: there is nothing to check`);
       return 63;
     }
+    using _locks = lockImagePath(path, { readOnly: true, forceShare: values["force-share"] });
     const report = await format.check(path);
     const code = checkExitCode(report);
     if (output === "json") {

@@ -143,7 +143,7 @@ async function buildInPlace(dest: string, force: boolean, build: () => Promise<v
 export const convertCommand: Command = {
   name: "convert",
   summary: "convert an image between raw, qcow, vmdk and vhd (like qemu-img convert)",
-  usage: `Usage: tapd convert [-f FMT] -O FMT [-o OPTIONS] [-p] [-q] [--force] SRC DEST
+  usage: `Usage: tapd convert [-f FMT] -O FMT [-o OPTIONS] [-p] [-q] [-U] [--force] SRC DEST
 
 Copies the image SRC (format probed, or given with -f) into a new image DEST of format -O
 (${[...IMAGE_FORMATS.keys()].join(", ")}; vpc is vhd). OPTIONS are as for tapd create
@@ -151,7 +151,10 @@ Copies the image SRC (format probed, or given with -f) into a new image DEST of 
 64 KiB are left unallocated in DEST (holes in a raw DEST). A backing chain of SRC is read
 through, so DEST is standalone.
 
--p draws a progress bar on a terminal; -q prints nothing. DEST is written under a temporary
+SRC is refused while another process writes it (a VM, qemu-nbd, a tapd disk: QEMU's image
+locks); -U (--force-share) reads it anyway, like qemu-img convert -U, and the copy is then only
+as consistent as the image was while it was read. -p draws a progress bar on a terminal; -q
+prints nothing. DEST is written under a temporary
 name and renamed when complete; an existing DEST is refused unless --force.`,
 
   async run(args: string[]): Promise<number> {
@@ -161,6 +164,7 @@ name and renamed when complete; an existing DEST is refused unless --force.`,
       o: { type: "string", short: "o", multiple: true },
       p: { type: "boolean", short: "p", default: false },
       q: { type: "boolean", short: "q", default: false },
+      "force-share": { type: "boolean", short: "U", default: false },
       force: { type: "boolean", default: false },
     });
     if (values.O === undefined) throw new UsageError("convert: -O FMT is required");
@@ -174,6 +178,7 @@ name and renamed when complete; an existing DEST is refused unless --force.`,
     const srcFormat = await imageFormat(srcPath, values.f);
     const src = await openDisk(`${driverType(srcFormat)}:${srcPath}`, {
       readOnly: true,
+      forceShare: values["force-share"],
       direct: "auto",
     });
     try {

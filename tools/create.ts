@@ -53,8 +53,10 @@ case SIZE is required. An existing FILE is refused unless --force.`,
       const resolved = resolveBacking(path, values.b);
       if (!values.u) {
         backingFormat = await imageFormat(resolved, values.F, "-F");
+        // Its size only (an overlay of a running VM's image is the usual snapshot): no lock.
         const parent = await openDisk(`${driverType(backingFormat)}:${resolved}`, {
           readOnly: true,
+          forceShare: true,
           direct: "auto",
         });
         size ??= parent.size;

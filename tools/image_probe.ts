@@ -67,7 +67,12 @@ export async function probeImage(path: string): Promise<ImageProbe> {
       const format = await probeFormat(path);
       if (format === "raw") return probe;
       // Another format: its driver reads the headers (and checks them).
-      const disk = await openDisk(`${format}:${path}`, { readOnly: true, direct: "auto" });
+      // Headers only, as qemu-img info -U: an image in use is described, not refused.
+      const disk = await openDisk(`${format}:${path}`, {
+        readOnly: true,
+        forceShare: true,
+        direct: "auto",
+      });
       try {
         probe.format = format;
         probe.virtualSize = disk.size;

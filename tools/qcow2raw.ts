@@ -7,6 +7,7 @@ import { parseCommandLine } from "../cli/args.ts";
 import { type Command, UsageError } from "../cli/command.ts";
 import type { Disk } from "../drivers/disk.ts";
 import { DRIVERS, openDisk } from "../drivers/mod.ts";
+import { lockImageFile } from "../drivers/image_lock.ts";
 import { O_RDWR } from "../ffi/constants.ts";
 import { FileHandle } from "../ffi/file.ts";
 import { sharedPool } from "../io/buffer_pool.ts";
@@ -156,6 +157,7 @@ export async function qcow2raw(r: Qcow2RawRequest): Promise<void> {
   try {
     if (existing === "block-device") {
       using dev = FileHandle.open(r.dest, O_RDWR);
+      lockImageFile(dev, r.dest, { readOnly: false }); // not a device a VM or a disk uses
       const size = dev.blockDeviceSize();
       if (size < disk.size) {
         throw new Error(

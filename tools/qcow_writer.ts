@@ -10,6 +10,7 @@ import { newImageBytes, parseHeader } from "../drivers/qcow/header.ts";
 import { O_DIRECT, O_RDONLY, SEEK_DATA, SEEK_HOLE } from "../ffi/constants.ts";
 import { SysError } from "../ffi/errno.ts";
 import { FileHandle } from "../ffi/file.ts";
+import { lockImageFile } from "../drivers/image_lock.ts";
 import { sharedPool } from "../io/buffer_pool.ts";
 import type { IoEngine } from "../io/engine.ts";
 import { createEngine } from "../io/mod.ts";
@@ -37,6 +38,7 @@ export function openRawSource(path: string, depth: number): RawSource {
     direct = false;
   }
   try {
+    lockImageFile(file, path, { readOnly: true });
     const st = file.stat();
     if (!st.isRegular && !st.isBlockDevice) {
       throw new Error(`"${path}" is neither a regular file nor a block device`);

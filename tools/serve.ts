@@ -25,7 +25,8 @@ export const serveCommand: Command = {
   name: "serve",
   summary: "export one disk over NBD and/or as a FUSE file in the foreground (like qemu-nbd)",
   usage: `Usage: tapd serve SPEC [--nbd ADDR …]
-                  [--fuse PATH [--passthrough] [--io-threads N] [--fuse-uring]] [--read-only]
+                  [--fuse PATH [--passthrough] [--io-threads N] [--fuse-uring]]
+                  [--read-only [--force-share]]
                   [--export-name NAME] [--engine aio|uring|sync] [--poll-us N]
                   [--no-read-ahead]
 
@@ -60,6 +61,12 @@ Serves the disk SPEC (tap:TYPE:PATH) until SIGTERM or SIGINT; give at least one 
                 or more) follow one another, the next 4 MiB are read ahead into memory
                 (16 MiB a disk at most), so a sequential reader that waits for its
                 requests is answered from there; writes drop what they overlap.
+  --read-only   refuse writes (NBD read-only, the FUSE file read-only).
+  --force-share, -U  with --read-only: serve the image even while another process writes it.
+
+The image is locked as QEMU locks images: while it is served, a VM, qemu-nbd or qemu-img
+cannot write it (nor read it without their -U, unless tapd serves it read-only), and tapd
+refuses an image one of them writes (docs/architecture.md "Image locks").
 
 SIGTERM unmounts the FUSE file; while something still uses it (a loop device, an open file)
 tapd says so and goes on serving: detach it, or send SIGTERM again to abort the mount (its
@@ -76,6 +83,7 @@ Examples:
       nbd: { type: "string", multiple: true },
       fuse: { type: "string" },
       "read-only": { type: "boolean", default: false },
+      "force-share": { type: "boolean", short: "U", default: false },
       "export-name": { type: "string", default: "" },
       engine: { type: "string" },
       "poll-us": { type: "string" },
@@ -85,6 +93,9 @@ Examples:
       "no-read-ahead": { type: "boolean", default: false },
     });
     if (positionals.length !== 1) throw new UsageError("serve: expected one disk spec");
+    if (values["force-share"] && !values["read-only"]) {
+      throw new UsageError("serve: --force-share is only for a --read-only export");
+    }
     const addresses = (values.nbd ?? []).map((a) => parseNbdAddress(a));
     const fusePath = values.fuse;
     if (fusePath === "") throw new UsageError("serve: --fuse needs a path");
@@ -112,6 +123,7 @@ Examples:
     if (mismatch !== null) log.warn(mismatch);
     const disk = await openDisk(positionals[0], {
       readOnly: values["read-only"],
+      forceShare: values["force-share"],
       engine,
       ...SERVER_ENGINE,
       pollMicros,

@@ -1,6 +1,7 @@
 /** The control protocol refuses bad requests with one-line error replies; the daemon keeps going. */
 import assert from "node:assert/strict";
 import { qemuIo, rawImage, tapd, unixUri, withDaemon } from "./helpers.ts";
+import { lockedBytes, qemuIoHolding } from "../util.ts";
 
 Deno.test("daemon: bad requests get error replies and the daemon keeps serving", async () => {
   await withDaemon(async (d) => {
@@ -169,5 +170,29 @@ Deno.test("daemon: an image file a disk writes is not attached again (nor its qc
     );
     assert.equal((await d.list()).find((r) => r.id === x.id)?.state, "paused");
     await d.ctlOk("resume", String(x.id));
+  });
+});
+
+Deno.test("daemon: image locks keep a disk and other programs (QEMU) out of each other's images", async () => {
+  await withDaemon(async (d) => {
+    const qcow = `${d.dir}/l.qcow`;
+    assert.equal((await tapd("create", "-f", "qcow", qcow, "64M")).code, 0);
+    const a = await d.attach(`tap:qcow:${qcow}`);
+    assert.deepEqual(lockedBytes(qcow), [100, 101, 103, 201, 203]);
+    const info = await new Deno.Command("qemu-img", { args: ["info", qcow], stderr: "piped" })
+      .output();
+    assert.match(new TextDecoder().decode(info.stderr), /Failed to get shared "write" lock/);
+    await d.ctlOk("detach", String(a.id));
+    assert.deepEqual(lockedBytes(qcow), []);
+    // An image qemu-io writes: the attach fails with the tapdisk's one line; nothing is left.
+    await using _writer = await qemuIoHolding(qcow);
+    const refused = await d.ctl("attach", `tap:qcow:${qcow}`);
+    assert.equal(refused.code, 1);
+    assert.match(
+      refused.stderr,
+      /^tapd: ctl: .*Cannot open ".*l\.qcow" for writing: another process uses it and lets nobody write it .*\n$/,
+    );
+    assert.equal(refused.stderr.trim().split("\n").length, 1, refused.stderr);
+    assert.deepEqual((await d.list()).map((x) => x.id), []);
   });
 });

@@ -258,7 +258,12 @@ Deno.test({
       const mp = mountPointFile(`${dir}/disk`);
       const serve = await FuseServe.start(img, mp);
       try {
+        // The image itself is written by the first serve (its lock): only a shared reader gets
+        // as far as the mount point.
         r = await tapd("--fuse", mp);
+        assert.equal(r.code, 1);
+        assert.match(r.stderr, /another process uses it and lets nobody write it/);
+        r = await tapd("--fuse", mp, "--read-only", "--force-share");
         assert.equal(r.code, 1);
         assert.match(r.stderr, /already a mount point \(fuse\.tapd/);
       } finally {

@@ -1,0 +1,127 @@
+/**
+ * Image locks between processes (drivers/image_lock.ts), against QEMU's own: qemu-img and qemu-io
+ * are refused an image a tapd disk writes, tapd is refused an image qemu-io writes, readers share
+ * with readers, -U / --force-share reads anyway, and one process may hold an image both ways
+ * while a disk is reopened on an overlay of it.
+ */
+import assert from "node:assert/strict";
+import { openDisk } from "../../drivers/mod.ts";
+import { ImageLockError } from "../../drivers/image_lock.ts";
+import { lockedBytes, qemuIoHolding, withTempDir } from "../util.ts";
+import { assertOneLineError, MiB, qemuImg, qemuImgOk, tapd, tapdOk } from "../tools/helpers.ts";
+
+async function refused(promise: Promise<unknown>, pattern: RegExp): Promise<void> {
+  await assert.rejects(promise, (e: unknown) => {
+    assert.ok(e instanceof ImageLockError, `not an ImageLockError: ${e}`);
+    assert.match(e.message, pattern);
+    assert.doesNotMatch(e.message, /\n/);
+    return true;
+  });
+}
+
+Deno.test("image locks: a disk tapd writes keeps qemu-img and qemu-io out, as a qemu-nbd would", async () => {
+  await withTempDir(async (dir) => {
+    const qcow = `${dir}/a.qcow`, raw = `${dir}/b.raw`;
+    await qemuImgOk("create", "-q", "-f", "qcow", qcow, "64M");
+    await qemuImgOk("create", "-q", "-f", "raw", raw, "64M");
+    {
+      await using disk = await openDisk(`qcow:${qcow}`);
+      // qemu-nbd's bytes for a qcow2 image it writes: uses 100, 101, 103; shares neither 201 nor 203.
+      assert.deepEqual(lockedBytes(qcow), [100, 101, 103, 201, 203]);
+      const info = await qemuImg("info", qcow);
+      assert.notEqual(info.code, 0);
+      assert.match(info.stderr, /Failed to get shared "write" lock/);
+      await qemuImgOk("info", "-U", qcow);
+      const io = await qemuImg("check", qcow);
+      assert.match(io.stderr, /Failed to get shared "write" lock/);
+      const write = await new Deno.Command("qemu-io", {
+        args: ["-c", "write 0 4k", qcow],
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+      assert.match(new TextDecoder().decode(write.stderr), /Failed to get "write" lock/);
+      assert.ok(disk.size > 0);
+
+      await using rawDisk = await openDisk(`aio:${raw}`);
+      const rawWrite = await qemuImg("convert", "-f", "qcow", "-O", "raw", "-n", qcow, raw);
+      assert.notEqual(rawWrite.code, 0);
+      assert.ok(rawDisk.size > 0);
+    }
+    assert.deepEqual(lockedBytes(qcow), [], "closing the disk left locks");
+    assert.deepEqual(lockedBytes(raw), []);
+    await qemuImgOk("info", qcow);
+    await qemuImgOk("convert", "-f", "qcow", "-O", "raw", "-n", qcow, raw);
+  });
+});
+
+Deno.test("image locks: tapd refuses an image qemu-io writes, and readers share with readers", async () => {
+  await withTempDir(async (dir) => {
+    const qcow = `${dir}/a.qcow`;
+    await qemuImgOk("create", "-q", "-f", "qcow", qcow, "64M");
+    {
+      await using _writer = await qemuIoHolding(qcow);
+      await refused(openDisk(`qcow:${qcow}`), /another process uses it and lets nobody write it/);
+      await refused(openDisk(`qcow:${qcow}`, { readOnly: true }), /another process writes it.*-U/);
+      // -U: read anyway, taking only the "consistent read" byte.
+      await using shared = await openDisk(`qcow:${qcow}`, { readOnly: true, forceShare: true });
+      assert.equal(shared.size, 64 * MiB);
+      await assert.rejects(openDisk(`qcow:${qcow}`, { forceShare: true }), /only for reading/);
+    }
+    {
+      await using _reader = await qemuIoHolding(qcow, "-r");
+      await using reader = await openDisk(`qcow:${qcow}`, { readOnly: true });
+      assert.equal(reader.size, 64 * MiB);
+      await refused(openDisk(`qcow:${qcow}`), /for writing: another process uses it/);
+    }
+    // A refused open leaves nothing behind: the image opens for writing once the others are gone.
+    await using disk = await openDisk(`qcow:${qcow}`);
+    assert.equal(disk.size, 64 * MiB);
+  });
+});
+
+Deno.test("image locks: one process writes an image and opens an overlay of it (resume --reopen)", async () => {
+  await withTempDir(async (dir) => {
+    const base = `${dir}/base.qcow`, overlay = `${dir}/overlay.qcow`;
+    await qemuImgOk("create", "-q", "-f", "qcow", base, "64M");
+    const old = await openDisk(`qcow:${base}`);
+    // Made while the base is written (a snapshot of a running disk): create reads its size only.
+    await tapdOk("create", "-f", "qcow", "-b", base, overlay);
+    const next = await openDisk(`qcow:${overlay}`);
+    await old.close();
+    // The base is now a backing file: read, shared with readers, written by nobody.
+    assert.deepEqual(lockedBytes(base), [100, 201, 203]);
+    assert.deepEqual(lockedBytes(overlay), [100, 101, 103, 201, 203]);
+    await qemuImgOk("info", base);
+    const write = await qemuImg("convert", "-n", "-f", "qcow", "-O", "qcow", overlay, base);
+    assert.notEqual(write.code, 0);
+    await next.close();
+    assert.deepEqual([...lockedBytes(base), ...lockedBytes(overlay)], []);
+  });
+});
+
+Deno.test("image locks: the commands refuse an image in use with one line, and -U reads it", async () => {
+  await withTempDir(async (dir) => {
+    const qcow = `${dir}/a.qcow`;
+    await qemuImgOk("create", "-q", "-f", "qcow", qcow, "64M");
+    await using _writer = await qemuIoHolding(qcow);
+    assertOneLineError(await tapd("check", qcow), 1, /another process writes it/);
+    await tapdOk("check", "-U", qcow);
+    assertOneLineError(
+      await tapd("convert", "-O", "raw", qcow, `${dir}/copy.raw`),
+      1,
+      /another process writes it/,
+    );
+    await tapdOk("convert", "-U", "-O", "raw", qcow, `${dir}/copy.raw`);
+    await tapdOk("info", qcow);
+    assertOneLineError(
+      await tapd("serve", `tap:qcow:${qcow}`, "--nbd", `unix:${dir}/s`),
+      1,
+      /lets nobody write it/,
+    );
+    assertOneLineError(
+      await tapd("serve", `tap:qcow:${qcow}`, "--nbd", `unix:${dir}/s`, "--force-share"),
+      2,
+      /--force-share is only for a --read-only export/,
+    );
+  });
+});
