@@ -6,19 +6,20 @@
  * The protocol is byte-range locks on the image file itself, open file description locks, all
  * shared (F_RDLCK), one byte per permission: byte 100 + p says "I use permission p", byte 200 + p
  * "I do not let anyone else use permission p". The permissions tapd needs, by QEMU's numbering:
- * 0 consistent read, 1 write, 3 resize. A disk open for writing uses consistent read, write and
- * resize, and shares neither write nor resize; a read-only disk (and every backing file) uses
- * consistent read and shares neither write nor resize; `forceShare` (qemu-img's -U) uses
- * consistent read and shares everything. These are qemu-nbd's sets for a qcow2 image, so
- * `qemu-img info` on an image tapd writes says `Failed to get shared "write" lock`, and tapd
- * refuses an image a VM writes. A conflict is another description holding the byte opposite one
+ * 0 consistent read, 1 write, 3 resize. A disk open for writing uses consistent read and write
+ * (and resize, for the formats that grow their file) and shares neither write nor resize; a
+ * read-only disk (and every backing file) uses consistent read and shares neither; `forceShare`
+ * (qemu-img's -U) uses consistent read and shares everything; a ram disk that writes its file
+ * back shares writing with the other users of its memory. These are qemu-nbd's sets for a qcow2
+ * image, so `qemu-img info` on an image tapd writes says `Failed to get shared "write" lock`, and
+ * tapd refuses an image a VM writes. A conflict is another description holding the byte opposite one
  * of ours, found after ours are set (so two openers at once cannot both miss each other).
  *
  * Within one process the locks are the union of its openers' (one lock descriptor per file):
  * a disk reopened on an overlay of its own image (`resume --reopen`) holds both while it
  * switches. Where the file system has no such locks (some network file systems), none are taken.
  */
-import { EAGAIN, F_RDLCK, F_UNLCK, O_CLOEXEC, O_RDONLY } from "../ffi/constants.ts";
+import { EACCES, EAGAIN, ENOENT, F_RDLCK, F_UNLCK, O_RDONLY } from "../ffi/constants.ts";
 import { SysError } from "../ffi/errno.ts";
 import { FileHandle } from "../ffi/file.ts";
 
@@ -35,6 +36,13 @@ export interface LockOptions {
   readOnly: boolean;
   /** Use the image even while another process writes it (reads may then see it changing). */
   forceShare?: boolean;
+  /** A writer that may grow the file (a qcow, VHD or VMDK image; not raw): the resize permission. */
+  grows?: boolean;
+  /**
+   * A writer that shares writing (ram disks with `persist`: every user of one memory object
+   * writes the file back): writers that do not share it are still kept out.
+   */
+  sharesWrite?: boolean;
 }
 
 interface Need {
@@ -44,11 +52,11 @@ interface Need {
 }
 
 function needOf(options: LockOptions): Need {
-  if (!options.readOnly) {
-    return { uses: [CONSISTENT_READ, WRITE, RESIZE], unshares: [WRITE, RESIZE] };
+  if (options.readOnly) {
+    return { uses: [CONSISTENT_READ], unshares: options.forceShare ? [] : [WRITE, RESIZE] };
   }
-  if (options.forceShare) return { uses: [CONSISTENT_READ], unshares: [] };
-  return { uses: [CONSISTENT_READ], unshares: [WRITE, RESIZE] };
+  const uses = options.grows ? [CONSISTENT_READ, WRITE, RESIZE] : [CONSISTENT_READ, WRITE];
+  return { uses, unshares: options.sharesWrite ? [RESIZE] : [WRITE, RESIZE] };
 }
 
 /** One file's locks in this process: a descriptor of its own and the needs of its openers. */
@@ -95,26 +103,30 @@ function apply(entry: FileLocks, want: Set<number>): boolean {
   return true;
 }
 
+const OTHERS = "a VM, qemu-nbd, qemu-img or a tapd disk?";
+
 /** What another process's locks refuse of `need`, as one sentence; null if nothing. */
 function conflict(entry: FileLocks, need: Need, path: string, options: LockOptions): string | null {
+  const file = entry.file;
+  const opening = `Cannot open "${path}"${options.readOnly ? "" : " for writing"}`;
   for (const p of need.uses) {
-    if (!entry.file.byteLocked(SHARED_BASE + p)) continue;
-    if (p === WRITE) {
-      return `Cannot open "${path}" for writing: another process uses it and lets nobody ` +
-        `write it (it holds the image's shared "write" lock: a VM, qemu-nbd, qemu-img or a tapd ` +
-        `disk?); stop that first, or open the image read-only`;
+    if (!file.byteLocked(SHARED_BASE + p)) continue;
+    if (p === WRITE && file.byteLocked(PERM_BASE + WRITE)) {
+      return `${opening}: another process writes it (it holds the image's "write" lock: ` +
+        `${OTHERS}); stop that first`;
     }
-    return `Cannot open "${path}": another process uses it and lets nobody ` +
-      `${p === RESIZE ? "resize" : "read"} it (it holds the image's shared "${NAMES[p]}" lock)`;
+    const hint = p === WRITE ? "stop that first, or open the image read-only" : "stop that first";
+    return `${opening}: another process uses it and lets nobody ` +
+      `${p === WRITE ? "write" : p === RESIZE ? "resize" : "read"} it (it holds the image's ` +
+      `shared "${NAMES[p]}" lock: ${OTHERS}); ${hint}`;
   }
   for (const p of need.unshares) {
-    if (!entry.file.byteLocked(PERM_BASE + p)) continue;
+    if (!file.byteLocked(PERM_BASE + p)) continue;
     const hint = options.readOnly
       ? "stop that first, or read it anyway with --force-share (-U) where the command has it"
       : "stop that first";
-    return `Cannot open "${path}": another process ${p === WRITE ? "writes" : "may resize"} it ` +
-      `(it holds the image's "${NAMES[p]}" lock: a VM, qemu-nbd, qemu-img or a tapd disk?); ` +
-      hint;
+    return `${opening}: another process ${p === WRITE ? "writes" : "may resize"} it (it holds ` +
+      `the image's "${NAMES[p]}" lock: ${OTHERS}); ${hint}`;
   }
   return null;
 }
@@ -130,8 +142,8 @@ export function lockImageFile(file: FileHandle, path: string, options: LockOptio
 }
 
 /**
- * The same for a command that reads an image through descriptors of its own (`tapd check`):
- * the locks are held until the returned handle is disposed.
+ * The same for a command that uses an image through descriptors of its own (`tapd check`, a
+ * destination about to be replaced): the locks are held until the returned handle is disposed.
  */
 export function lockImagePath(path: string, options: LockOptions): Disposable {
   const file = FileHandle.open(path, O_RDONLY);
@@ -157,10 +169,10 @@ function lockFile(file: FileHandle, path: string, options: LockOptions): (() => 
   if (entry === undefined) {
     let own: FileHandle;
     try {
-      own = FileHandle.open(`/proc/self/fd/${file.fd}`, O_RDONLY | O_CLOEXEC);
+      own = FileHandle.open(`/proc/self/fd/${file.fd}`, O_RDONLY);
     } catch (e) {
-      // Open for writing only, or /proc missing: no locks rather than no disk.
-      if (e instanceof SysError) return null;
+      // No /proc, or a file we may write but not read: no locks rather than no disk.
+      if (e instanceof SysError && (e.errno === ENOENT || e.errno === EACCES)) return null;
       throw e;
     }
     entry = { file: own, needs: [], held: new Set() };
@@ -182,7 +194,14 @@ function lockFile(file: FileHandle, path: string, options: LockOptions): (() => 
       return null;
     }
     if (created) files.set(identity, entry);
-    const refused = conflict(entry, need, path, options);
+    let refused: string | null;
+    try {
+      refused = conflict(entry, need, path, options);
+    } catch (e) {
+      // F_OFD_GETLK refused where F_OFD_SETLK worked (a network file system): nothing to see.
+      if (!(e instanceof SysError)) throw e;
+      refused = null;
+    }
     if (refused !== null) throw new ImageLockError(refused);
   } catch (e) {
     if (files.get(identity) === entry) drop();

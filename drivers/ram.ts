@@ -25,6 +25,7 @@ import { LOCK_EX, LOCK_NB, LOCK_SH, O_CREAT, O_RDONLY, O_RDWR } from "../ffi/con
 import { createEngine } from "../io/mod.ts";
 import type { Buffers } from "../io/engine.ts";
 import type { DiskImpl, DiskInfo, DiskOptions, Driver, Extent } from "./driver.ts";
+import { lockImageFile } from "./image_lock.ts";
 import { DiskError } from "./errors.ts";
 
 const MAGIC = "TAPDRAM1";
@@ -198,6 +199,8 @@ async function openRam(path: string, options: DiskOptions): Promise<DiskImpl> {
   }
   const image = FileHandle.open(realPath, persistent ? O_RDWR : O_RDONLY);
   try {
+    // Written back: a writer, sharing writing with the memory object's other users only.
+    if (persistent) lockImageFile(image, path, { readOnly: false, sharesWrite: true });
     const st = image.stat();
     if (!st.isRegular) throw new DiskError("EINVAL", `RAM image "${path}" is not a regular file`);
     const fileSize = st.size;
@@ -218,6 +221,8 @@ async function openRam(path: string, options: DiskOptions): Promise<DiskImpl> {
         const shmSize = shm.stat().size;
         let map = shmSize === total ? new Mapping(shm.fd, total, { what: name }) : null;
         if (alone) {
+          // Read while nothing else writes the file (until `image` closes, if not persistent).
+          if (!persistent) lockImageFile(image, path, { readOnly: true });
           // Nobody uses the object: it is new, or left by a process that died (its creator while
           // loading, or a last user before removing it). Either way the file is the truth.
           map?.[Symbol.dispose]();

@@ -32,14 +32,21 @@ const ZERO_CHUNK = 1024 * 1024;
 
 /**
  * Opens an image file read-only or read-write, with O_DIRECT when `direct` (DiskOptions.direct),
- * and takes QEMU's image locks on it for as long as it is open (drivers/image_lock.ts).
+ * and takes QEMU's image locks on it for as long as it is open (drivers/image_lock.ts); a writer
+ * of a format that grows its file takes the resize permission too.
  */
-export function openImageFile(path: string, options: DiskOptions, direct: boolean): FileHandle {
+export function openImageFile(
+  path: string,
+  options: DiskOptions,
+  direct: boolean,
+  size: "grows" | "fixed",
+): FileHandle {
   const file = openFile(path, options, direct);
   try {
     lockImageFile(file, path, {
       readOnly: options.readOnly ?? false,
       forceShare: options.forceShare,
+      grows: size === "grows",
     });
     return file;
   } catch (e) {
@@ -226,8 +233,11 @@ export class RawDisk implements DiskImpl {
   }
 
   async close(): Promise<void> {
-    await this.#engine.close();
-    this.#file.close();
+    try {
+      await this.#engine.close();
+    } finally {
+      this.#file.close(); // and its image locks
+    }
   }
 }
 
@@ -260,7 +270,7 @@ function rawDriver(type: "aio" | "sync", summary: string, defaultEngine: EngineK
     summary,
     open(path: string, options: DiskOptions): Promise<DiskImpl> {
       const wantDirect = options.direct === undefined ? type === "aio" : options.direct !== "off";
-      const file = openImageFile(path, options, wantDirect);
+      const file = openImageFile(path, options, wantDirect, "fixed");
       let engine: IoEngine | undefined;
       try {
         engine = createEngine(options.engine ?? defaultEngine, {

@@ -63,6 +63,7 @@ export const BLKPBSZGET = 0x127bn;
 export const BLKGETSIZE64 = 0x80081272n;
 
 export const ENOENT = 2;
+export const EACCES = 13;
 export const EINTR = 4;
 export const EIO = 5;
 export const EAGAIN = 11;

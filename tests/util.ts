@@ -176,7 +176,10 @@ export function lockedBytes(path: string): number[] {
   return bytes.sort((a, b) => a - b);
 }
 
-/** qemu-io holding `path` open (with `flags`) until disposed; its locks are set on return. */
+/**
+ * qemu-io holding the qcow image `path` open (with `flags`) until disposed; its locks are set on
+ * return (QEMU locks a qcow image's "consistent read" byte last, after "no writers").
+ */
 export async function qemuIoHolding(path: string, ...flags: string[]): Promise<AsyncDisposable> {
   const child = new Deno.Command("qemu-io", {
     args: [...flags, "-c", "sleep 60000", path],
@@ -184,7 +187,9 @@ export async function qemuIoHolding(path: string, ...flags: string[]): Promise<A
     stderr: "piped",
   }).spawn();
   const deadline = Date.now() + 10_000;
-  while (!lockedBytes(path).includes(100)) {
+  for (;;) {
+    const held = lockedBytes(path);
+    if (held.includes(100) && held.includes(201)) break;
     if (Date.now() > deadline) throw new Error(`qemu-io ${flags.join(" ")} ${path} took no lock`);
     await new Promise((r) => setTimeout(r, 50));
   }

@@ -6,6 +6,7 @@
 import { FileHandle } from "../ffi/file.ts";
 import { O_CREAT, O_EXCL, O_RDWR } from "../ffi/constants.ts";
 import { SysError } from "../ffi/errno.ts";
+import { lockImagePath } from "../drivers/image_lock.ts";
 
 /** What is at a destination path now. */
 export type Existing = "none" | "file" | "block-device";
@@ -45,6 +46,8 @@ export function checkDestination(
     throw new Error(`"${path}" is a block device: this tool writes image files only`);
   }
   if (!options.force) throw existsError(path, options.flag);
+  // Not an image another process (a VM, qemu-nbd, a tapd disk) has open: its writes would be lost.
+  lockImagePath(path, { readOnly: false })[Symbol.dispose]();
   return kind;
 }
 

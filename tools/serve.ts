@@ -13,7 +13,7 @@ import {
 import { type Command, UsageError } from "../cli/command.ts";
 import { createLogger } from "../cli/log.ts";
 import { SignalQueue } from "../cli/signals.ts";
-import { openDisk, rawOverImage } from "../drivers/mod.ts";
+import { openDisk, parseDiskSpec, rawOverImage } from "../drivers/mod.ts";
 import { ENGINE_KINDS, SERVER_ENGINE } from "../io/engine.ts";
 import { formatNbdAddress, nbdUri, parseNbdAddress } from "../nbd/address.ts";
 import { NbdServer } from "../nbd/server.ts";
@@ -93,7 +93,7 @@ Examples:
       "no-read-ahead": { type: "boolean", default: false },
     });
     if (positionals.length !== 1) throw new UsageError("serve: expected one disk spec");
-    if (values["force-share"] && !values["read-only"]) {
+    if (values["force-share"] && !values["read-only"] && !specReadOnly(positionals[0])) {
       throw new UsageError("serve: --force-share is only for a --read-only export");
     }
     const addresses = (values.nbd ?? []).map((a) => parseNbdAddress(a));
@@ -198,4 +198,13 @@ async function closeFuse(fuse: FuseExport, signals: SignalQueue, log: Logger): P
   const closing = fuse.close({ graceMs: Infinity });
   const forced = await Promise.race([closing.then(() => false), signals.next().then(() => true)]);
   if (forced) await fuse.close({ force: true });
+}
+
+/** Whether a spec says `,ro` (a spec that does not parse is reported by openDisk). */
+function specReadOnly(spec: string): boolean {
+  try {
+    return parseDiskSpec(spec).readOnly;
+  } catch {
+    return false;
+  }
 }

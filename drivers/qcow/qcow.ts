@@ -747,15 +747,18 @@ class QcowDisk implements DiskImpl {
       }
       await this.#engine.close();
     } finally {
-      this.#file.close();
-      await this.#backing?.close();
+      try {
+        this.#file.close();
+      } finally {
+        await this.#backing?.close();
+      }
     }
   }
 }
 
 async function openQcow(path: string, options: DiskOptions, ctx: OpenContext): Promise<DiskImpl> {
   const readOnly = options.readOnly ?? false;
-  const file = openImageFile(path, options, options.direct !== "off");
+  const file = openImageFile(path, options, options.direct !== "off", "grows");
   let engine: IoEngine | undefined;
   let backing = null as Disk | null;
   try {

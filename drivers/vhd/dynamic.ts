@@ -387,8 +387,11 @@ export class DynamicVhdDisk implements DiskImpl {
       await this.#batWrites;
       await this.#engine.close();
     } finally {
-      this.#file.close();
-      await this.#parent?.close();
+      try {
+        this.#file.close();
+      } finally {
+        await this.#parent?.close();
+      }
     }
   }
 }

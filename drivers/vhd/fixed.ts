@@ -90,7 +90,10 @@ export class FixedVhdDisk implements DiskImpl {
   }
 
   async close(): Promise<void> {
-    await this.#engine.close();
-    this.#file.close();
+    try {
+      await this.#engine.close();
+    } finally {
+      this.#file.close();
+    }
   }
 }

@@ -58,7 +58,7 @@ async function openParent(
 async function openVhd(path: string, options: DiskOptions, ctx: OpenContext): Promise<DiskImpl> {
   const readOnly = options.readOnly ?? false;
   const { layout, names } = readMetadata(path);
-  const file = openImageFile(path, options, options.direct !== "off");
+  const file = openImageFile(path, options, options.direct !== "off", "grows");
   let engine: IoEngine | undefined;
   let parent: Disk | null = null;
   try {

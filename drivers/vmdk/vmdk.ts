@@ -13,6 +13,7 @@ import type { Disk } from "../disk.ts";
 import type { DiskImpl, DiskInfo, DiskOptions, Driver, Extent, OpenContext } from "../driver.ts";
 import { DiskError, ImageError } from "../errors.ts";
 import { openImageFile } from "../raw.ts";
+import { lockImagePath } from "../image_lock.ts";
 import { randomCid, withCid } from "./descriptor.ts";
 import {
   alignUp,
@@ -50,6 +51,8 @@ class VmdkDisk implements DiskImpl {
   readonly #engine: IoEngine;
   readonly #backing: Disk | null;
   readonly #writeCid: CidWriter;
+  /** The image locks on a separate descriptor file (its extents hold their own). */
+  readonly #descriptorLock: Disposable | null;
   #cidUpdate: Promise<void> | null = null;
   #cidDone = false;
 
@@ -60,7 +63,9 @@ class VmdkDisk implements DiskImpl {
     backingName: string | null,
     writeCid: CidWriter,
     readOnly: boolean,
+    descriptorLock: Disposable | null,
   ) {
+    this.#descriptorLock = descriptorLock;
     this.#extents = extents;
     this.#starts = [];
     let size = 0;
@@ -218,11 +223,12 @@ class VmdkDisk implements DiskImpl {
 
   async close(): Promise<void> {
     try {
-      await settleAll(this.#extents.map((e) => e.close()));
+      await settleAll(this.#extents.map(async (e) => await e.close()));
     } finally {
       try {
         await this.#engine.close();
       } finally {
+        this.#descriptorLock?.[Symbol.dispose]();
         await this.#backing?.close();
       }
     }
@@ -296,6 +302,7 @@ async function openVmdk(path: string, options: DiskOptions, ctx: OpenContext): P
   let engine: IoEngine | undefined;
   let backing = null as Disk | null;
   let embeddedFile: FileHandle | null = null;
+  let descriptorLock: Disposable | null = null;
   try {
     engine = createEngine(options.engine ?? "aio", {
       depth: options.depth,
@@ -305,7 +312,7 @@ async function openVmdk(path: string, options: DiskOptions, ctx: OpenContext): P
     });
     const hasParent = parent !== null;
     if (meta.embedded !== null) {
-      const file = openImageFile(path, options, direct);
+      const file = openImageFile(path, options, direct, "grows");
       try {
         extents.push(
           await openSparse(path, file, engine, meta.embedded.header, null, !readOnly, hasParent),
@@ -316,6 +323,12 @@ async function openVmdk(path: string, options: DiskOptions, ctx: OpenContext): P
       }
       embeddedFile = file;
     } else {
+      // The descriptor is part of the image (its CID is rewritten in place): locked as one.
+      descriptorLock = lockImagePath(path, {
+        readOnly,
+        forceShare: options.forceShare,
+        grows: false,
+      });
       for (const line of meta.descriptor.extents) {
         if (line.type === "ZERO") {
           extents.push(new ZeroExtent(line.sectors));
@@ -328,7 +341,12 @@ async function openVmdk(path: string, options: DiskOptions, ctx: OpenContext): P
         const writable = !readOnly && line.access === "RW";
         let file: FileHandle;
         try {
-          file = openImageFile(extPath, { ...options, readOnly: !writable }, direct);
+          file = openImageFile(
+            extPath,
+            { ...options, readOnly: !writable },
+            direct,
+            line.type === "SPARSE" ? "grows" : "fixed",
+          );
         } catch (e) {
           throw new ImageError(
             path,
@@ -371,11 +389,13 @@ async function openVmdk(path: string, options: DiskOptions, ctx: OpenContext): P
       meta.descriptor.parentFileNameHint,
       cidWriter(meta, engine, embeddedFile),
       readOnly,
+      descriptorLock,
     );
   } catch (e) {
-    for (const x of extents) await x.close().catch(() => {});
+    for (const x of extents) await (async () => await x.close())().catch(() => {});
     await engine?.close();
     await backing?.close();
+    descriptorLock?.[Symbol.dispose]();
     throw e;
   }
 }

@@ -60,7 +60,7 @@ Deno.test("image locks: tapd refuses an image qemu-io writes, and readers share 
     await qemuImgOk("create", "-q", "-f", "qcow", qcow, "64M");
     {
       await using _writer = await qemuIoHolding(qcow);
-      await refused(openDisk(`qcow:${qcow}`), /another process uses it and lets nobody write it/);
+      await refused(openDisk(`qcow:${qcow}`), /for writing: another process writes it/);
       await refused(openDisk(`qcow:${qcow}`, { readOnly: true }), /another process writes it.*-U/);
       // -U: read anyway, taking only the "consistent read" byte.
       await using shared = await openDisk(`qcow:${qcow}`, { readOnly: true, forceShare: true });
@@ -116,12 +116,83 @@ Deno.test("image locks: the commands refuse an image in use with one line, and -
     assertOneLineError(
       await tapd("serve", `tap:qcow:${qcow}`, "--nbd", `unix:${dir}/s`),
       1,
-      /lets nobody write it/,
+      /for writing: another process writes it/,
     );
     assertOneLineError(
       await tapd("serve", `tap:qcow:${qcow}`, "--nbd", `unix:${dir}/s`, "--force-share"),
       2,
       /--force-share is only for a --read-only export/,
     );
+  });
+});
+
+Deno.test("image locks: raw and ram disks take what they use", async () => {
+  await withTempDir(async (dir) => {
+    const raw = `${dir}/a.raw`;
+    Deno.writeFileSync(raw, new Uint8Array(4 * MiB));
+    {
+      // A raw file never grows: no "resize" byte, so qemu-nbd -r (which lets nobody resize) fits.
+      await using _disk = await openDisk(`aio:${raw}`);
+      assert.deepEqual(lockedBytes(raw), [100, 101, 201, 203]);
+    }
+    {
+      // Loaded while nothing writes the file; after that a volatile ram disk holds no lock.
+      await using _ram = await openDisk(`ram:${raw}`);
+      assert.deepEqual(lockedBytes(raw), []);
+    }
+    {
+      // Written back: a writer sharing writing with the other users of its memory only.
+      await using _ram = await openDisk(`ram:${raw},persist`);
+      await using _again = await openDisk(`ram:${raw},persist`);
+      assert.deepEqual(lockedBytes(raw), [100, 101, 203]);
+      const serve = await tapd("serve", `tap:aio:${raw}`, "--nbd", `unix:${dir}/s`);
+      assertOneLineError(serve, 1, /for writing: another process writes it/);
+    }
+    assert.deepEqual(lockedBytes(raw), []);
+  });
+});
+
+Deno.test("image locks: --force does not replace an image another process uses", async () => {
+  await withTempDir(async (dir) => {
+    const qcow = `${dir}/a.qcow`;
+    await qemuImgOk("create", "-q", "-f", "qcow", qcow, "64M");
+    const inode = Deno.statSync(qcow).ino;
+    await using _writer = await qemuIoHolding(qcow);
+    const cases = [
+      ["create", "-f", "qcow", "--force", qcow, "32M"],
+      ["convert", "-O", "qcow", "--force", `${dir}/missing-source.raw`, qcow],
+      ["qcow2raw", "-f", qcow, qcow],
+    ];
+    Deno.writeFileSync(`${dir}/src.raw`, new Uint8Array(MiB));
+    cases[1][4] = `${dir}/src.raw`;
+    for (const args of cases) {
+      const r = await tapd(...args);
+      assert.notEqual(r.code, 0, args.join(" "));
+      assert.equal(r.stderr.trim().split("\n").length, 1, r.stderr);
+      assert.equal(Deno.statSync(qcow).ino, inode, `${args.join(" ")} replaced the image`);
+    }
+    assertOneLineError(
+      await tapd("create", "-f", "qcow", "--force", qcow, "32M"),
+      1,
+      /for writing: another process writes it/,
+    );
+  });
+});
+
+Deno.test("image locks: a VMDK's descriptor file is locked with its extents", async () => {
+  await withTempDir(async (dir) => {
+    const vmdk = `${dir}/d.vmdk`;
+    await tapdOk("create", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", vmdk, "64M");
+    const extent = [...Deno.readDirSync(dir)].map((e) => `${dir}/${e.name}`)
+      .find((p) => p !== vmdk)!;
+    {
+      await using _disk = await openDisk(`vmdk:${vmdk}`);
+      assert.deepEqual(lockedBytes(vmdk), [100, 101, 201, 203]);
+      assert.deepEqual(lockedBytes(extent), [100, 101, 103, 201, 203]);
+      // tapd check locks the descriptor it reads: refused while a disk writes the image.
+      assertOneLineError(await tapd("check", vmdk), 1, /another process writes it/);
+    }
+    assert.deepEqual([...lockedBytes(vmdk), ...lockedBytes(extent)], []);
+    await tapdOk("check", vmdk);
   });
 });
