@@ -57,11 +57,12 @@ async function openParent(
 
 async function openVhd(path: string, options: DiskOptions, ctx: OpenContext): Promise<DiskImpl> {
   const readOnly = options.readOnly ?? false;
-  const { layout, names } = readMetadata(path);
+  // Locked first: metadata another process is writing is not read (its lock's line instead).
   const file = openImageFile(path, options, options.direct !== "off", "grows");
   let engine: IoEngine | undefined;
   let parent: Disk | null = null;
   try {
+    const { layout, names } = readMetadata(path);
     engine = createEngine(options.engine ?? "aio", {
       depth: options.depth,
       batch: options.batch,

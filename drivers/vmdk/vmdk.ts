@@ -295,15 +295,21 @@ function cidWriter(
 
 async function openVmdk(path: string, options: DiskOptions, ctx: OpenContext): Promise<DiskImpl> {
   const readOnly = options.readOnly ?? false;
-  const meta = readVmdkMeta(path);
-  const parent = checkParent(meta);
+  // The descriptor is part of the image (its CID is rewritten in place): locked as one, and
+  // before it is read, so that metadata another process is writing is not read.
+  const descriptorLock = lockImagePath(path, {
+    readOnly,
+    forceShare: options.forceShare,
+    grows: false,
+  });
   const direct = options.direct !== "off";
   const extents: VmdkExtent[] = [];
   let engine: IoEngine | undefined;
   let backing = null as Disk | null;
   let embeddedFile: FileHandle | null = null;
-  let descriptorLock: Disposable | null = null;
   try {
+    const meta = readVmdkMeta(path);
+    const parent = checkParent(meta);
     engine = createEngine(options.engine ?? "aio", {
       depth: options.depth,
       batch: options.batch,
@@ -323,12 +329,6 @@ async function openVmdk(path: string, options: DiskOptions, ctx: OpenContext): P
       }
       embeddedFile = file;
     } else {
-      // The descriptor is part of the image (its CID is rewritten in place): locked as one.
-      descriptorLock = lockImagePath(path, {
-        readOnly,
-        forceShare: options.forceShare,
-        grows: false,
-      });
       for (const line of meta.descriptor.extents) {
         if (line.type === "ZERO") {
           extents.push(new ZeroExtent(line.sectors));
@@ -395,7 +395,7 @@ async function openVmdk(path: string, options: DiskOptions, ctx: OpenContext): P
     for (const x of extents) await (async () => await x.close())().catch(() => {});
     await engine?.close();
     await backing?.close();
-    descriptorLock?.[Symbol.dispose]();
+    descriptorLock[Symbol.dispose]();
     throw e;
   }
 }
