@@ -51,8 +51,8 @@ class VmdkDisk implements DiskImpl {
   readonly #engine: IoEngine;
   readonly #backing: Disk | null;
   readonly #writeCid: CidWriter;
-  /** The image locks on a separate descriptor file (its extents hold their own). */
-  readonly #descriptorLock: Disposable | null;
+  /** The image locks on the descriptor's file (a separate descriptor's extents hold their own). */
+  readonly #descriptorLock: Disposable;
   #cidUpdate: Promise<void> | null = null;
   #cidDone = false;
 
@@ -63,7 +63,7 @@ class VmdkDisk implements DiskImpl {
     backingName: string | null,
     writeCid: CidWriter,
     readOnly: boolean,
-    descriptorLock: Disposable | null,
+    descriptorLock: Disposable,
   ) {
     this.#descriptorLock = descriptorLock;
     this.#extents = extents;
@@ -228,7 +228,7 @@ class VmdkDisk implements DiskImpl {
       try {
         await this.#engine.close();
       } finally {
-        this.#descriptorLock?.[Symbol.dispose]();
+        this.#descriptorLock[Symbol.dispose]();
         await this.#backing?.close();
       }
     }
