@@ -72,6 +72,21 @@ const files = new Map<string, FileLocks>();
 /** Thrown when another process's locks keep this one out of an image. */
 export class ImageLockError extends Error {
   override name = "ImageLockError";
+  /** What refused the open, without the `Cannot open "PATH"` before it. */
+  readonly reason: string;
+
+  constructor(opening: string, reason: string) {
+    super(`${opening}: ${reason}`);
+    this.reason = reason;
+  }
+}
+
+/**
+ * Why an image in a chain could not be opened, for its child's message: a lock's reason alone,
+ * so that the line names the chain's files once each.
+ */
+export function whyNotOpened(e: unknown): string {
+  return e instanceof ImageLockError ? e.reason : (e as Error).message;
 }
 
 function bytesOf(needs: readonly Need[]): Set<number> {
@@ -105,18 +120,21 @@ function apply(entry: FileLocks, want: Set<number>): boolean {
 
 const OTHERS = "a VM, qemu-nbd, qemu-img or a tapd disk?";
 
-/** What another process's locks refuse of `need`, as one sentence; null if nothing. */
-function conflict(entry: FileLocks, need: Need, path: string, options: LockOptions): string | null {
+function opening(path: string, options: LockOptions): string {
+  return `Cannot open "${path}"${options.readOnly ? "" : " for writing"}`;
+}
+
+/** What another process's locks refuse of `need`, as one clause; null if nothing. */
+function conflict(entry: FileLocks, need: Need, options: LockOptions): string | null {
   const file = entry.file;
-  const opening = `Cannot open "${path}"${options.readOnly ? "" : " for writing"}`;
   for (const p of need.uses) {
     if (!file.byteLocked(SHARED_BASE + p)) continue;
     if (p === WRITE && file.byteLocked(PERM_BASE + WRITE)) {
-      return `${opening}: another process writes it (it holds the image's "write" lock: ` +
+      return `another process writes it (it holds the image's "write" lock: ` +
         `${OTHERS}); stop that first`;
     }
     const hint = p === WRITE ? "stop that first, or open the image read-only" : "stop that first";
-    return `${opening}: another process uses it and lets nobody ` +
+    return `another process uses it and lets nobody ` +
       `${p === WRITE ? "write" : p === RESIZE ? "resize" : "read"} it (it holds the image's ` +
       `shared "${NAMES[p]}" lock: ${OTHERS}); ${hint}`;
   }
@@ -125,7 +143,7 @@ function conflict(entry: FileLocks, need: Need, path: string, options: LockOptio
     const hint = options.readOnly
       ? "stop that first, or read it anyway with --force-share (-U) where the command has it"
       : "stop that first";
-    return `${opening}: another process ${p === WRITE ? "writes" : "may resize"} it (it holds ` +
+    return `another process ${p === WRITE ? "writes" : "may resize"} it (it holds ` +
       `the image's "${NAMES[p]}" lock: ${OTHERS}); ${hint}`;
   }
   return null;
@@ -159,7 +177,8 @@ export function lockImagePath(path: string, options: LockOptions): Disposable {
 function lockFile(file: FileHandle, path: string, options: LockOptions): (() => void) | null {
   if (options.forceShare && !options.readOnly) {
     throw new ImageLockError(
-      `Cannot open "${path}" for writing with --force-share: it is only for reading`,
+      `Cannot open "${path}" for writing with --force-share`,
+      "it is only for reading",
     );
   }
   const identity = file.stat().identity;
@@ -196,13 +215,13 @@ function lockFile(file: FileHandle, path: string, options: LockOptions): (() => 
     if (created) files.set(identity, entry);
     let refused: string | null;
     try {
-      refused = conflict(entry, need, path, options);
+      refused = conflict(entry, need, options);
     } catch (e) {
       // F_OFD_GETLK refused where F_OFD_SETLK worked (a network file system): nothing to see.
       if (!(e instanceof SysError)) throw e;
       refused = null;
     }
-    if (refused !== null) throw new ImageLockError(refused);
+    if (refused !== null) throw new ImageLockError(opening(path, options), refused);
   } catch (e) {
     if (files.get(identity) === entry) drop();
     else entry.file.close();

@@ -47,6 +47,7 @@ import { parseHeader, type QcowHeader } from "./header.ts";
 import { compressedExtent, getEntry, Kind, kindOf, L2Cache, L2Table } from "./tables.ts";
 import { readScattered, settleAll, writeGathered } from "../scatter.ts";
 import { type EntryTable, TableCommits } from "./table_commits.ts";
+import { whyNotOpened } from "../image_lock.ts";
 
 const SECTOR = 512;
 /** The file grows by at least this much at a time (one fdatasync per step). */
@@ -797,7 +798,7 @@ async function openQcow(path: string, options: DiskOptions, ctx: OpenContext): P
         if (e instanceof ImageError) throw e; // a deeper image's own message says it all
         throw new ImageError(
           path,
-          `cannot open its backing file ${JSON.stringify(backingName)}: ${(e as Error).message}`,
+          `cannot open its backing file ${JSON.stringify(backingName)}: ${whyNotOpened(e)}`,
         );
       }
     }

@@ -16,6 +16,7 @@ import { DynamicVhdDisk } from "./dynamic.ts";
 import { FixedVhdDisk } from "./fixed.ts";
 import { readLayout, type VhdLayout } from "./layout.ts";
 import { fileReader, findParent, parentMismatch, parentNames } from "./parent.ts";
+import { whyNotOpened } from "../image_lock.ts";
 
 /** The metadata, read with buffered I/O; and the names the image gives its parent. */
 function readMetadata(path: string): { layout: VhdLayout; names: string[] } {
@@ -50,7 +51,7 @@ async function openParent(
     if (e instanceof ImageError) throw e;
     throw new ImageError(
       path,
-      `cannot open its parent ${JSON.stringify(found.name)}: ${(e as Error).message}`,
+      `cannot open its parent ${JSON.stringify(found.name)}: ${whyNotOpened(e)}`,
     );
   }
 }

@@ -13,7 +13,7 @@ import type { Disk } from "../disk.ts";
 import type { DiskImpl, DiskInfo, DiskOptions, Driver, Extent, OpenContext } from "../driver.ts";
 import { DiskError, ImageError } from "../errors.ts";
 import { openImageFile } from "../raw.ts";
-import { lockImagePath } from "../image_lock.ts";
+import { lockImagePath, whyNotOpened } from "../image_lock.ts";
 import { randomCid, withCid } from "./descriptor.ts";
 import {
   alignUp,
@@ -377,7 +377,7 @@ async function openVmdk(path: string, options: DiskOptions, ctx: OpenContext): P
         throw new ImageError(
           path,
           `cannot open its parent ${JSON.stringify(meta.descriptor.parentFileNameHint)}: ${
-            (e as Error).message
+            whyNotOpened(e)
           }`,
         );
       }

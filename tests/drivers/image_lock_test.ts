@@ -54,7 +54,7 @@ Deno.test("image locks: a disk tapd writes keeps qemu-img and qemu-io out, as a 
   });
 });
 
-Deno.test("image locks: tapd refuses an image qemu-io writes, and readers share with readers", async () => {
+Deno.test("image locks: tapd refuses an image qemu-io writes (as an overlay's backing file too), and readers share with readers", async () => {
   await withTempDir(async (dir) => {
     const qcow = `${dir}/a.qcow`;
     await qemuImgOk("create", "-q", "-f", "qcow", qcow, "64M");
@@ -66,6 +66,18 @@ Deno.test("image locks: tapd refuses an image qemu-io writes, and readers share 
       await using shared = await openDisk(`qcow:${qcow}`, { readOnly: true, forceShare: true });
       assert.equal(shared.size, 64 * MiB);
       await assert.rejects(openDisk(`qcow:${qcow}`, { forceShare: true }), /only for reading/);
+      // An overlay of it: one line that names each file once.
+      const overlay = `${dir}/overlay.qcow`;
+      await tapdOk("create", "-f", "qcow", "-b", qcow, overlay);
+      await assert.rejects(openDisk(`qcow:${overlay}`), (e: unknown) => {
+        const message = (e as Error).message;
+        assert.match(
+          message,
+          /^Cannot open ".*overlay\.qcow": cannot open its backing file ".*a\.qcow": another process writes it \(.*\); stop that first, or read it anyway with --force-share/,
+        );
+        assert.equal(message.split("Cannot open").length, 2, message);
+        return true;
+      });
     }
     {
       await using _reader = await qemuIoHolding(qcow, "-r");
