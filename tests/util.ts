@@ -177,8 +177,9 @@ export function lockedBytes(path: string): number[] {
 }
 
 /**
- * qemu-io holding the qcow image `path` open (with `flags`) until disposed; its locks are set on
- * return (QEMU locks a qcow image's "consistent read" byte last, after "no writers").
+ * qemu-io holding the image `path` open (with `flags`) until disposed; its locks are set on
+ * return (QEMU locks a qcow image's "consistent read" byte last, after "no writers"; a raw image
+ * it writes gets "write" and shares writing).
  */
 export async function qemuIoHolding(path: string, ...flags: string[]): Promise<AsyncDisposable> {
   const child = new Deno.Command("qemu-io", {
@@ -189,7 +190,7 @@ export async function qemuIoHolding(path: string, ...flags: string[]): Promise<A
   const deadline = Date.now() + 10_000;
   for (;;) {
     const held = lockedBytes(path);
-    if (held.includes(100) && held.includes(201)) break;
+    if (held.includes(100) && (held.includes(201) || held.includes(101))) break;
     if (Date.now() > deadline) throw new Error(`qemu-io ${flags.join(" ")} ${path} took no lock`);
     await new Promise((r) => setTimeout(r, 50));
   }

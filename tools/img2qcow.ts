@@ -17,12 +17,14 @@ export interface Img2QcowRequest {
   clusterBits?: number;
   force: boolean;
   quiet: boolean;
+  /** Read the source even while another process writes it (-U). */
+  forceShare?: boolean;
 }
 
 const READ_DEPTH = 4;
 
 export async function img2qcow(r: Img2QcowRequest): Promise<WriterResult> {
-  const src = openRawSource(r.source, READ_DEPTH);
+  const src = openRawSource(r.source, READ_DEPTH, r.forceShare);
   try {
     if (src.size === 0) throw new Error(`"${r.source}" is empty: a qcow image cannot be`);
     const geometry = geometryFor(r.clusterBits, false);
@@ -54,7 +56,7 @@ export async function img2qcow(r: Img2QcowRequest): Promise<WriterResult> {
 export const img2qcowCommand: Command = {
   name: "img2qcow",
   summary: "convert a raw image or block device to a sparse qcow image",
-  usage: `Usage: tapd img2qcow [-f] [-q] [--cluster-size SIZE] <QCOW_FILENAME> <SRC_IMAGE>
+  usage: `Usage: tapd img2qcow [-f] [-q] [-U] [--cluster-size SIZE] <QCOW_FILENAME> <SRC_IMAGE>
 
 Writes QCOW_FILENAME, a standalone qcow (version 1) image with the contents of SRC_IMAGE, a raw
 image file or a block device (a partition, a loop device). Clusters that are all zeros are not
@@ -68,6 +70,8 @@ nothing behind.
 Options:
   -f, --force           replace QCOW_FILENAME if it exists
   -q, --quiet           no progress bar (it is only drawn when stderr is a terminal)
+  -U, --force-share     read SRC_IMAGE even while another process (a VM, qemu-nbd, a tapd disk)
+                        writes it: the copy is then only as consistent as that writer leaves it
   --cluster-size SIZE   512 to 64k, a power of two (default 4k, as qemu-img)
   -h, --help            this text`,
 
@@ -75,6 +79,7 @@ Options:
     const { values, positionals } = parseCommandLine("img2qcow", args, {
       force: { type: "boolean", short: "f", default: false },
       quiet: { type: "boolean", short: "q", default: false },
+      "force-share": { type: "boolean", short: "U", default: false },
       "cluster-size": { type: "string" },
     });
     if (positionals.length !== 2) {
@@ -94,6 +99,7 @@ Options:
         : parseClusterSize(values["cluster-size"]),
       force: values.force,
       quiet: values.quiet,
+      forceShare: values["force-share"],
     });
     return 0;
   },

@@ -136,19 +136,22 @@ export interface Qcow2RawRequest {
   source: string;
   force: boolean;
   quiet: boolean;
+  /** Read the source even while another process writes it (-U). */
+  forceShare?: boolean;
 }
 
 /** Opens a qcow image read-only, through the qcow driver. */
-export async function openQcow(path: string): Promise<Disk> {
+export async function openQcow(path: string, forceShare = false): Promise<Disk> {
   if (!DRIVERS.has("qcow")) throw new Error("This tapd has no qcow driver");
   return await openDisk({ type: "qcow", path, readOnly: true, persist: false }, {
     direct: "auto",
     depth: 64,
+    forceShare,
   });
 }
 
 export async function qcow2raw(r: Qcow2RawRequest): Promise<void> {
-  await using disk = await openQcow(r.source);
+  await using disk = await openQcow(r.source, r.forceShare);
   const existing = checkDestination(r.dest, { force: r.force, flag: "--force", allowDevice: true });
   if (sameFile(r.dest, r.source)) throw new Error(`"${r.dest}" is the source image itself`);
   const progress = new Progress("qcow2raw", disk.size, r.quiet);
@@ -183,7 +186,7 @@ export async function qcow2raw(r: Qcow2RawRequest): Promise<void> {
 export const qcow2rawCommand: Command = {
   name: "qcow2raw",
   summary: "convert a qcow image (and its backing chain) to a raw file or block device",
-  usage: `Usage: tapd qcow2raw [-f] [-q] <DEST_FILENAME> <QCOW_FILENAME>
+  usage: `Usage: tapd qcow2raw [-f] [-q] [-U] <DEST_FILENAME> <QCOW_FILENAME>
 
 Writes the contents of the qcow (version 1) image QCOW_FILENAME, read through its backing chain,
 to DEST_FILENAME:
@@ -195,12 +198,16 @@ to DEST_FILENAME:
 Options:
   -f, --force    replace DEST_FILENAME if it exists, or write onto the block device it names
   -q, --quiet    no progress bar (it is only drawn when stderr is a terminal)
+  -U, --force-share
+                 read the image (and its backing chain) even while another process writes it:
+                 the copy is then only as consistent as that writer leaves it
   -h, --help     this text`,
 
   async run(args: string[]): Promise<number> {
     const { values, positionals } = parseCommandLine("qcow2raw", args, {
       force: { type: "boolean", short: "f", default: false },
       quiet: { type: "boolean", short: "q", default: false },
+      "force-share": { type: "boolean", short: "U", default: false },
     });
     if (positionals.length !== 2) {
       throw new UsageError(
@@ -211,7 +218,13 @@ Options:
     }
     const [dest, source] = positionals;
     if (dest === "" || source === "") throw new UsageError("qcow2raw: empty file name");
-    await qcow2raw({ dest, source, force: values.force, quiet: values.quiet });
+    await qcow2raw({
+      dest,
+      source,
+      force: values.force,
+      quiet: values.quiet,
+      forceShare: values["force-share"],
+    });
     return 0;
   },
 };

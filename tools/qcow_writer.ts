@@ -28,7 +28,7 @@ export interface RawSource {
 }
 
 /** Opens a source with O_DIRECT and libaio, or buffered with the thread-pool engine. */
-export function openRawSource(path: string, depth: number): RawSource {
+export function openRawSource(path: string, depth: number, forceShare = false): RawSource {
   let file: FileHandle, direct = true;
   try {
     file = FileHandle.open(path, O_RDONLY | O_DIRECT);
@@ -38,7 +38,7 @@ export function openRawSource(path: string, depth: number): RawSource {
     direct = false;
   }
   try {
-    lockImageFile(file, path, { readOnly: true });
+    lockImageFile(file, path, { readOnly: true, forceShare });
     const st = file.stat();
     if (!st.isRegular && !st.isBlockDevice) {
       throw new Error(`"${path}" is neither a regular file nor a block device`);

@@ -111,7 +111,7 @@ Deno.test("image locks: one process writes an image and opens an overlay of it (
   });
 });
 
-Deno.test("image locks: the commands refuse an image in use with one line, and -U reads it", async () => {
+Deno.test("image locks: the commands refuse an image in use with one line, and -U reads it (check, convert, qcow2raw, img2qcow)", async () => {
   await withTempDir(async (dir) => {
     const qcow = `${dir}/a.qcow`;
     await qemuImgOk("create", "-q", "-f", "qcow", qcow, "64M");
@@ -124,6 +124,24 @@ Deno.test("image locks: the commands refuse an image in use with one line, and -
       /another process writes it/,
     );
     await tapdOk("convert", "-U", "-O", "raw", qcow, `${dir}/copy.raw`);
+    // blktap's two converters, with -U as convert's.
+    assertOneLineError(
+      await tapd("qcow2raw", `${dir}/flat.raw`, qcow),
+      1,
+      /another process writes it/,
+    );
+    await tapdOk("qcow2raw", "-U", `${dir}/flat.raw`, qcow);
+    const raw = `${dir}/b.raw`;
+    await qemuImgOk("create", "-q", "-f", "raw", raw, "16M");
+    {
+      await using _rawWriter = await qemuIoHolding(raw, "-f", "raw");
+      assertOneLineError(
+        await tapd("img2qcow", `${dir}/b.qcow`, raw),
+        1,
+        /another process writes it/,
+      );
+      await tapdOk("img2qcow", "--force-share", `${dir}/b.qcow`, raw);
+    }
     await tapdOk("info", qcow);
     assertOneLineError(
       await tapd("serve", `tap:qcow:${qcow}`, "--nbd", `unix:${dir}/s`),
