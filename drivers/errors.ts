@@ -32,3 +32,26 @@ export class ImageError extends Error {
     this.path = path;
   }
 }
+
+/** Thrown when another process's locks keep this one out of an image (drivers/image_lock.ts). */
+export class ImageLockError extends Error {
+  override name = "ImageLockError";
+  /** What refused the open, without the `Cannot open "PATH"` before it. */
+  readonly reason: string;
+
+  constructor(opening: string, reason: string) {
+    super(`${opening}: ${reason}`);
+    this.reason = reason;
+  }
+}
+
+/**
+ * The error of an image whose backing file (`what`: "its backing file NAME", "its parent NAME")
+ * failed to open with `e`: a deeper image's own ImageError as it is, else one line that names
+ * each file once (a lock's reason without its "Cannot open").
+ */
+export function backingError(path: string, what: string, e: unknown): Error {
+  if (e instanceof ImageError) return e;
+  const why = e instanceof ImageLockError ? e.reason : (e as Error).message;
+  return new ImageError(path, `cannot open ${what}: ${why}`);
+}

@@ -22,6 +22,9 @@
 import { EACCES, EAGAIN, ENOENT, F_RDLCK, F_UNLCK, O_RDONLY } from "../ffi/constants.ts";
 import { SysError } from "../ffi/errno.ts";
 import { FileHandle } from "../ffi/file.ts";
+import { ImageLockError } from "./errors.ts";
+
+export { ImageLockError };
 
 const PERM_BASE = 100;
 const SHARED_BASE = 200;
@@ -68,26 +71,6 @@ interface FileLocks {
 }
 
 const files = new Map<string, FileLocks>();
-
-/** Thrown when another process's locks keep this one out of an image. */
-export class ImageLockError extends Error {
-  override name = "ImageLockError";
-  /** What refused the open, without the `Cannot open "PATH"` before it. */
-  readonly reason: string;
-
-  constructor(opening: string, reason: string) {
-    super(`${opening}: ${reason}`);
-    this.reason = reason;
-  }
-}
-
-/**
- * Why an image in a chain could not be opened, for its child's message: a lock's reason alone,
- * so that the line names the chain's files once each.
- */
-export function whyNotOpened(e: unknown): string {
-  return e instanceof ImageLockError ? e.reason : (e as Error).message;
-}
 
 function bytesOf(needs: readonly Need[]): Set<number> {
   const bytes = new Set<number>();

@@ -41,13 +41,12 @@ import type {
   Extent,
   OpenContext,
 } from "../driver.ts";
-import { DiskError, ImageError } from "../errors.ts";
+import { backingError, DiskError, ImageError } from "../errors.ts";
 import { openImageFile } from "../raw.ts";
 import { parseHeader, type QcowHeader } from "./header.ts";
 import { compressedExtent, getEntry, Kind, kindOf, L2Cache, L2Table } from "./tables.ts";
 import { readScattered, settleAll, writeGathered } from "../scatter.ts";
 import { type EntryTable, TableCommits } from "./table_commits.ts";
-import { whyNotOpened } from "../image_lock.ts";
 
 const SECTOR = 512;
 /** The file grows by at least this much at a time (one fdatasync per step). */
@@ -795,11 +794,7 @@ async function openQcow(path: string, options: DiskOptions, ctx: OpenContext): P
       try {
         backing = await ctx.openBacking(backingPath);
       } catch (e) {
-        if (e instanceof ImageError) throw e; // a deeper image's own message says it all
-        throw new ImageError(
-          path,
-          `cannot open its backing file ${JSON.stringify(backingName)}: ${whyNotOpened(e)}`,
-        );
+        throw backingError(path, `its backing file ${JSON.stringify(backingName)}`, e);
       }
     }
     return new QcowDisk(path, file, engine, h, region, backing, backingName, fileSize, readOnly);

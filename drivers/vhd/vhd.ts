@@ -10,13 +10,12 @@ import type { IoEngine } from "../../io/engine.ts";
 import { createEngine } from "../../io/mod.ts";
 import type { Disk } from "../disk.ts";
 import type { DiskImpl, DiskOptions, Driver, OpenContext } from "../driver.ts";
-import { ImageError } from "../errors.ts";
+import { backingError, ImageError } from "../errors.ts";
 import { openImageFile } from "../raw.ts";
 import { DynamicVhdDisk } from "./dynamic.ts";
 import { FixedVhdDisk } from "./fixed.ts";
 import { readLayout, type VhdLayout } from "./layout.ts";
 import { fileReader, findParent, parentMismatch, parentNames } from "./parent.ts";
-import { whyNotOpened } from "../image_lock.ts";
 
 /** The metadata, read with buffered I/O; and the names the image gives its parent. */
 function readMetadata(path: string): { layout: VhdLayout; names: string[] } {
@@ -48,11 +47,7 @@ async function openParent(
   try {
     return { parent: await ctx.openBacking(found.path), name: found.name };
   } catch (e) {
-    if (e instanceof ImageError) throw e;
-    throw new ImageError(
-      path,
-      `cannot open its parent ${JSON.stringify(found.name)}: ${whyNotOpened(e)}`,
-    );
+    throw backingError(path, `its parent ${JSON.stringify(found.name)}`, e);
   }
 }
 

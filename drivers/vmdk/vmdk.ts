@@ -11,9 +11,9 @@ import type { Buffers, IoEngine } from "../../io/engine.ts";
 import { createEngine } from "../../io/mod.ts";
 import type { Disk } from "../disk.ts";
 import type { DiskImpl, DiskInfo, DiskOptions, Driver, Extent, OpenContext } from "../driver.ts";
-import { DiskError, ImageError } from "../errors.ts";
+import { backingError, DiskError, ImageError } from "../errors.ts";
 import { openImageFile } from "../raw.ts";
-import { lockImagePath, whyNotOpened } from "../image_lock.ts";
+import { lockImagePath } from "../image_lock.ts";
 import { randomCid, withCid } from "./descriptor.ts";
 import {
   alignUp,
@@ -373,12 +373,10 @@ async function openVmdk(path: string, options: DiskOptions, ctx: OpenContext): P
       try {
         backing = await ctx.openBacking(parent.path);
       } catch (e) {
-        if (e instanceof ImageError) throw e;
-        throw new ImageError(
+        throw backingError(
           path,
-          `cannot open its parent ${JSON.stringify(meta.descriptor.parentFileNameHint)}: ${
-            whyNotOpened(e)
-          }`,
+          `its parent ${JSON.stringify(meta.descriptor.parentFileNameHint)}`,
+          e,
         );
       }
     }
